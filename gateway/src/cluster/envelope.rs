@@ -1,0 +1,156 @@
+//! What travels on the bus: one small JSON envelope per message, encoded once per publish. A push
+//! frame (already-encoded JSON) is embedded verbatim, so the receiving node decodes the envelope
+//! once and hands a zero-copy slice of the received bytes to every local connection.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use imgate_shared::KickReason;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::metrics::Kind;
+
+/// A bus message. Requests (`Deliver`, `Broadcast`, `KickUser`) carry a request id and the
+/// sender's node id and instance; every node that acts on one answers with a `Reply` on the
+/// sender's node channel, zero included.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Envelope<'a> {
+    /// Queue `push` on the live connections of `user` (of `channel` if set).
+    Deliver {
+        req: u64,
+        #[serde(borrow)]
+        from: Cow<'a, str>,
+        #[serde(borrow)]
+        from_instance: Cow<'a, str>,
+        #[serde(borrow)]
+        user: Cow<'a, str>,
+        #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+        channel: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        push: &'a RawValue,
+    },
+    /// Queue `push` on every live connection (of `channel` if set).
+    Broadcast {
+        req: u64,
+        #[serde(borrow)]
+        from: Cow<'a, str>,
+        #[serde(borrow)]
+        from_instance: Cow<'a, str>,
+        #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+        channel: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        push: &'a RawValue,
+    },
+    /// Kick every connection of `user` (of `channel` if set).
+    KickUser {
+        req: u64,
+        #[serde(borrow)]
+        from: Cow<'a, str>,
+        #[serde(borrow)]
+        from_instance: Cow<'a, str>,
+        #[serde(borrow)]
+        user: Cow<'a, str>,
+        #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+        channel: Option<Cow<'a, str>>,
+        reason: KickReason,
+    },
+    /// Kick exactly one connection, displaced by a newer login: acted on only by the node
+    /// instance named, and only while that connection still exists. No reply.
+    KickConn {
+        #[serde(borrow)]
+        instance: Cow<'a, str>,
+        conn_id: u64,
+        #[serde(borrow)]
+        user: Cow<'a, str>,
+        generation: u64,
+        reason: KickReason,
+    },
+    /// The answer to request `req` of node instance `to_instance`: `count` local connections.
+    Reply {
+        req: u64,
+        #[serde(borrow)]
+        to_instance: Cow<'a, str>,
+        #[serde(borrow)]
+        node: Cow<'a, str>,
+        count: u64,
+    },
+    /// A node checking that its own subscription is alive; ignored.
+    Ping {
+        #[serde(borrow)]
+        instance: Cow<'a, str>,
+    },
+}
+
+impl Envelope<'_> {
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            Envelope::Deliver { .. } => Kind::Deliver,
+            Envelope::Broadcast { .. } => Kind::Broadcast,
+            Envelope::KickUser { .. } => Kind::KickUser,
+            Envelope::KickConn { .. } => Kind::KickConn,
+            Envelope::Reply { .. } => Kind::Reply,
+            Envelope::Ping { .. } => Kind::Ping,
+        }
+    }
+
+    /// Encodes the envelope once, for every node it is published to.
+    pub(crate) fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("an envelope always serialises"))
+    }
+
+    /// Decodes an envelope that borrows from `bytes`.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope<'_>, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Checks that `push` is one JSON value and borrows it for embedding verbatim.
+pub(crate) fn raw_push(push: &[u8]) -> Result<&RawValue, serde_json::Error> {
+    serde_json::from_slice(push)
+}
+
+/// The push frame embedded in a received envelope, as a slice of the received bytes (no copy).
+pub(crate) fn push_bytes(received: &Bytes, push: &RawValue) -> Bytes {
+    received.slice_ref(push.get().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_is_embedded_verbatim_and_sliced_without_copy() {
+        let push = br#"{"type":"push","id":"1","to":"u \"q\"","body":{"a": [1, 2]}}"#;
+        let env = Envelope::Deliver {
+            req: 7,
+            from: "n1".into(),
+            from_instance: "abc".into(),
+            user: "u \"q\"".into(),
+            channel: None,
+            push: raw_push(push).unwrap(),
+        };
+        let bytes = env.encode();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.contains(std::str::from_utf8(push).unwrap()), "{text}");
+        match Envelope::decode(&bytes).unwrap() {
+            Envelope::Deliver {
+                req, user, push: p, ..
+            } => {
+                assert_eq!(req, 7);
+                assert_eq!(user, "u \"q\"");
+                let sliced = push_bytes(&bytes, p);
+                assert_eq!(&sliced[..], &push[..]);
+                let base = bytes.as_ptr() as usize;
+                let at = sliced.as_ptr() as usize;
+                assert!(
+                    at >= base && at < base + bytes.len(),
+                    "a slice of the received buffer"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(raw_push(b"{not json").is_err());
+    }
+}

@@ -1,0 +1,395 @@
+//! Requests to other nodes and what this node does with theirs: a request is published once (on
+//! `{p}:bus:all` or on the addressed nodes' channels), every node that receives it acts through
+//! [`LocalNode`](super::LocalNode) and answers on the sender's channel with a count, and the
+//! sender sums the answers it was promised by PUBLISH's receiver count until its deadline.
+//! Duplicate-login kicks name one connection and get no answer.
+
+use crate::config::RoutingMode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::future::join_all;
+use imgate_shared::KickReason;
+use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, error, warn};
+
+use super::bus::{BusError, BusMessage, Subscription};
+use super::envelope::{push_bytes, raw_push, Envelope};
+use super::metrics::Kind;
+use super::presence::StoredEntry;
+use super::{ClusterError, Inner, Redis, RemoteDelivery, Targets, MAX_OWED_KICKS};
+
+/// Removes a pending request when its requester returns or is cancelled.
+struct PendingGuard<'a> {
+    pending: &'a DashMap<u64, mpsc::UnboundedSender<u64>>,
+    req: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.remove(&self.req);
+    }
+}
+
+impl Inner {
+    pub(super) fn check_commands(&self, redis: &Redis) -> Result<(), ClusterError> {
+        if self.left.load(Ordering::Acquire) || !redis.bus.commands_up() {
+            Err(ClusterError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(super) fn checked_push<'p>(
+        &self,
+        push: &'p Bytes,
+        kind: Kind,
+    ) -> Option<&'p serde_json::value::RawValue> {
+        match raw_push(push) {
+            Ok(raw) => Some(raw),
+            Err(e) => {
+                error!(error = %e, "push frame is not JSON; not sent to other nodes");
+                debug_assert!(false, "push frame is not JSON: {e}");
+                self.metrics.incomplete(kind).increment(1);
+                None
+            }
+        }
+    }
+
+    /// The other live nodes holding `user` (of `channel`), or `None` if presence cannot be read.
+    pub(super) async fn route(
+        &self,
+        redis: &Redis,
+        user: &str,
+        channel: Option<&str>,
+        deadline: Instant,
+    ) -> Option<Vec<String>> {
+        self.metrics.lookups_route.increment(1);
+        match timeout_at(deadline, redis.presence.nodes_of(user, channel)).await {
+            Ok(Ok(mut nodes)) => {
+                nodes.retain(|n| *n != self.me.node_id);
+                Some(nodes)
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "presence lookup failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Where a request about `user` (of `channel`) goes under the routing mode: every node, or
+    /// the other nodes holding the user. `Err` carries the answer when there is nobody to ask
+    /// (no holder: complete) or presence cannot be read (incomplete, counted).
+    pub(super) async fn targets(
+        &self,
+        redis: &Redis,
+        user: &str,
+        channel: Option<&str>,
+        deadline: Instant,
+        kind: Kind,
+    ) -> Result<Targets, RemoteDelivery> {
+        match self.routing {
+            RoutingMode::Broadcast => Ok(Targets::All),
+            RoutingMode::Routed => match self.route(redis, user, channel, deadline).await {
+                Some(nodes) if nodes.is_empty() => Err(RemoteDelivery::NONE),
+                Some(nodes) => Ok(Targets::Nodes(nodes)),
+                None => {
+                    self.metrics.incomplete(kind).increment(1);
+                    Err(RemoteDelivery::UNAVAILABLE)
+                }
+            },
+        }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        kind: Kind,
+        channel: &str,
+        payload: Bytes,
+    ) -> Result<usize, BusError> {
+        let started = std::time::Instant::now();
+        let r = self.bus.publish(channel, payload).await;
+        if r.is_ok() {
+            self.metrics.latency.record(started.elapsed().as_secs_f64());
+            self.metrics.published(kind).increment(1);
+        }
+        r
+    }
+
+    /// Publishes a request and sums the replies' counts: as many replies as PUBLISH reported
+    /// receivers (less this node on `{p}:bus:all`), until `request_timeout`.
+    pub(super) async fn request(
+        &self,
+        kind: Kind,
+        targets: Targets,
+        deadline: Instant,
+        encode: impl FnOnce(u64) -> Bytes,
+    ) -> RemoteDelivery {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.pending.insert(req, tx);
+        let _pending = PendingGuard {
+            pending: &self.pending,
+            req,
+        };
+        let payload = encode(req);
+        let mut complete = true;
+        let expected = match targets {
+            Targets::All => {
+                match timeout_at(deadline, self.publish(kind, &self.keys.bus_all, payload)).await {
+                    // This node receives its own message too, and ignores it.
+                    Ok(Ok(n)) => n.saturating_sub(1),
+                    _ => {
+                        self.metrics.incomplete(kind).increment(1);
+                        return RemoteDelivery::UNAVAILABLE;
+                    }
+                }
+            }
+            Targets::Nodes(nodes) => {
+                let channels: Vec<String> =
+                    nodes.iter().map(|n| self.keys.node_channel(n)).collect();
+                let sent = join_all(
+                    channels
+                        .iter()
+                        .map(|c| self.publish(kind, c, payload.clone())),
+                );
+                match timeout_at(deadline, sent).await {
+                    Ok(results) => results
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok(n) if n > 0 => n,
+                            // No subscriber: the node is gone or its bus is down; its
+                            // connections (if any) were not reached.
+                            _ => {
+                                complete = false;
+                                0
+                            }
+                        })
+                        .sum(),
+                    Err(_) => {
+                        self.metrics.incomplete(kind).increment(1);
+                        return RemoteDelivery::UNAVAILABLE;
+                    }
+                }
+            }
+        };
+        let mut connections = 0u64;
+        let mut replies = 0usize;
+        while replies < expected {
+            match timeout_at(deadline, rx.recv()).await {
+                Ok(Some(n)) => {
+                    replies += 1;
+                    connections += n;
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if !complete {
+            self.metrics.incomplete(kind).increment(1);
+        }
+        RemoteDelivery {
+            connections: connections.min(u64::from(u32::MAX)) as u32,
+            complete,
+        }
+    }
+
+    /// Kicks the connections a kick_old registration displaced, each on its own node.
+    pub(super) async fn kick_displaced(&self, displaced: Vec<StoredEntry>, deadline: Instant) {
+        let sends: Vec<(String, Bytes)> = displaced
+            .into_iter()
+            // Never returned by the script: between our own connections the local registry decides.
+            .filter(|e| e.node_instance != self.me.instance)
+            .map(|e| {
+                let payload = Envelope::KickConn {
+                    instance: e.node_instance.as_str().into(),
+                    conn_id: e.conn_id,
+                    user: e.user_id.as_str().into(),
+                    generation: e.generation,
+                    reason: KickReason::DuplicateLogin,
+                }
+                .encode();
+                (self.keys.node_channel(&e.node_id), payload)
+            })
+            .collect();
+        if sends.is_empty() {
+            return;
+        }
+        let published = join_all(
+            sends
+                .iter()
+                .map(|(channel, payload)| self.publish(Kind::KickConn, channel, payload.clone())),
+        );
+        let results = match timeout_at(deadline, published).await {
+            Ok(results) => results,
+            Err(_) => sends.iter().map(|_| Err(BusError::Down)).collect(),
+        };
+        for (send, r) in sends.into_iter().zip(results) {
+            match r {
+                Ok(_) => self.metrics.kicks_sent.increment(1),
+                Err(e) => {
+                    warn!(error = %e, "publishing a duplicate-login kick failed; retrying");
+                    self.owe_kick(send);
+                }
+            }
+        }
+    }
+
+    /// Keeps a kick that could not be published, for the next maintenance round.
+    fn owe_kick(&self, send: (String, Bytes)) {
+        let mut owed = self.owed_kicks.lock().expect("not poisoned");
+        if owed.len() >= MAX_OWED_KICKS {
+            owed.remove(0);
+        }
+        owed.push(send);
+    }
+
+    /// Publishes the kicks owed. A kick is never lost for good even without this: the displaced
+    /// node finds its entry gone at its next re-registration and kicks the connection itself.
+    pub(super) async fn send_owed_kicks(&self) {
+        let owed = std::mem::take(&mut *self.owed_kicks.lock().expect("not poisoned"));
+        for (channel, payload) in owed {
+            match self
+                .publish(Kind::KickConn, &channel, payload.clone())
+                .await
+            {
+                Ok(_) => self.metrics.kicks_sent.increment(1),
+                Err(_) => self.owe_kick((channel, payload)),
+            }
+        }
+    }
+
+    /// Reads the bus until the cluster stops.
+    pub(super) async fn receive(self: Arc<Self>, mut subscription: Subscription) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                m = subscription.recv() => m,
+            };
+            match msg {
+                Some(m) => self.dispatch(m),
+                None => return,
+            }
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, msg: BusMessage) {
+        let env = match Envelope::decode(&msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.undecodable.increment(1);
+                debug!(error = %e, channel = %msg.channel, "undecodable bus message");
+                return;
+            }
+        };
+        self.metrics.received(env.kind()).increment(1);
+        let mine = self.me.instance.as_str();
+        match env {
+            Envelope::Deliver {
+                req,
+                from,
+                from_instance,
+                user,
+                channel,
+                push,
+            } => {
+                if from_instance == mine {
+                    return;
+                }
+                let n = self.local.deliver_local(
+                    &user,
+                    channel.as_deref(),
+                    push_bytes(&msg.payload, push),
+                );
+                self.reply(&from, &from_instance, req, u64::from(n));
+            }
+            Envelope::Broadcast {
+                req,
+                from,
+                from_instance,
+                channel,
+                push,
+            } => {
+                if from_instance == mine {
+                    return;
+                }
+                let n = self
+                    .local
+                    .broadcast_local(channel.as_deref(), push_bytes(&msg.payload, push));
+                self.reply(&from, &from_instance, req, n as u64);
+            }
+            Envelope::KickUser {
+                req,
+                from,
+                from_instance,
+                user,
+                channel,
+                reason,
+            } => {
+                if from_instance == mine {
+                    return;
+                }
+                let n = self.local.kick_user(&user, channel.as_deref(), reason);
+                self.reply(&from, &from_instance, req, n as u64);
+            }
+            Envelope::KickConn {
+                instance,
+                conn_id,
+                user,
+                generation,
+                reason,
+            } => {
+                // A kick names one connection of one node instance: a restarted node (new
+                // instance) or a newer connection (new conn id) is never closed by it.
+                if instance == mine && self.local.kick_connection(&user, conn_id, reason) {
+                    self.metrics.kicks_applied.increment(1);
+                    debug!(user = %user, conn = conn_id, generation, "kicked: logged in on another node");
+                } else {
+                    self.metrics.kicks_stale.increment(1);
+                }
+            }
+            Envelope::Reply {
+                req,
+                to_instance,
+                count,
+                ..
+            } => {
+                if to_instance == mine {
+                    if let Some(tx) = self.pending.get(&req) {
+                        let _ = tx.send(count);
+                    }
+                }
+            }
+            Envelope::Ping { .. } => {}
+        }
+    }
+
+    /// Answers request `req` of `to_node` without holding up the receive loop.
+    fn reply(self: &Arc<Self>, to_node: &str, to_instance: &str, req: u64, count: u64) {
+        let Ok(permit) = self.reply_permits.clone().try_acquire_owned() else {
+            self.metrics.reply_backlog.increment(1);
+            return;
+        };
+        let payload = Envelope::Reply {
+            req,
+            to_instance: to_instance.into(),
+            node: self.me.node_id.as_str().into(),
+            count,
+        }
+        .encode();
+        let channel = self.keys.node_channel(to_node);
+        let inner = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.publish(Kind::Reply, &channel, payload).await {
+                debug!(error = %e, "publishing a reply failed");
+            }
+            drop(permit);
+        });
+    }
+}

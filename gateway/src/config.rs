@@ -1,0 +1,542 @@
+//! Configuration: one typed [`Settings`], layered defaults → TOML file → environment (`IMGATE_*`,
+//! nested keys joined by `__`, e.g. `IMGATE_AUTH__SECRET`) → command-line flags. Unknown keys are
+//! refused; secrets are masked in `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The JWT secret used when none is configured. Only for development: a loud warning says so.
+pub const DEV_JWT_SECRET: &str = "imgate-dev-secret-do-not-use-in-production";
+/// The admin token used when none is configured. Only for development: a loud warning says so.
+pub const DEV_ADMIN_TOKEN: &str = "imgate-dev-admin-token";
+
+/// A string that never shows up in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub node: NodeSettings,
+    pub client: ClientSettings,
+    pub heartbeat: HeartbeatSettings,
+    pub channels: ChannelSettings,
+    pub auth: AuthSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+    pub store: StoreSettings,
+    pub cluster: ClusterSettings,
+}
+
+/// Where messages are kept: SQLite (a file; the embedded default) or MySQL/MariaDB.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite://path/to/file.db` or `mysql://user:password@host:port/database`.
+    pub url: Secret,
+    /// Database connections of this node.
+    pub pool_size: u32,
+    /// Most rows the writer puts in one multi-row INSERT.
+    pub batch_max_rows: usize,
+    /// Longest time the writer waits to fill a batch.
+    pub batch_max_delay_ms: u64,
+    /// Messages queued for the writer before new ones wait.
+    pub queue_capacity: usize,
+    /// Longest time a new message waits for room in a full queue before it is refused.
+    pub enqueue_timeout_ms: u64,
+    /// First and longest delay between retries while the database is down.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// How long start-up keeps retrying an unreachable database before giving up.
+    pub connect_timeout_ms: u64,
+}
+
+/// How messages travel between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingMode {
+    /// One topic every node subscribes to; nodes without the recipient ignore the message.
+    Broadcast,
+    /// A presence table says which nodes hold the recipient; only they are addressed.
+    Routed,
+}
+
+/// The cluster: absent `redis_url` means a single node with an in-process bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// `redis://host:port`; when absent the node runs alone.
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key and channel of this cluster.
+    pub key_prefix: String,
+    pub routing: RoutingMode,
+    /// A node that stops refreshing its registry entry for this long is taken for dead.
+    pub node_ttl_ms: u64,
+    /// How often a node refreshes its registry entry.
+    pub refresh_interval_ms: u64,
+    /// Longest time a sender waits for other nodes to report a delivery.
+    pub request_timeout_ms: u64,
+    /// How long start-up keeps retrying an unreachable Redis before giving up.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            url: Secret::new("sqlite://imgate.db"),
+            pool_size: 8,
+            batch_max_rows: 1000,
+            batch_max_delay_ms: 5,
+            queue_capacity: 100_000,
+            enqueue_timeout_ms: 1_000,
+            retry_initial_ms: 100,
+            retry_max_ms: 5_000,
+            connect_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            redis_url: None,
+            key_prefix: "imgate".into(),
+            routing: RoutingMode::Routed,
+            node_ttl_ms: 10_000,
+            refresh_interval_ms: 3_000,
+            request_timeout_ms: 1_000,
+            connect_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSettings {
+    /// This node's id, unique in the cluster.
+    pub id: String,
+    /// 10-bit tag mixed into message ids; derived from `id` when absent.
+    pub tag: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSettings {
+    /// Address for client connections: TCP frames and WebSocket (`/ws`) on the same port.
+    pub listen: SocketAddr,
+    /// The address clients are told to connect to (defaults to `listen`).
+    pub advertise: Option<String>,
+    /// Most connections this node holds; more are refused with `SERVER_FULL`.
+    pub max_connections: usize,
+    /// Longest frame payload accepted, in bytes.
+    pub max_frame_len: usize,
+    /// Time a new connection has to log in.
+    pub login_timeout_ms: u64,
+    /// Frames queued for one connection before it is disconnected as a slow consumer.
+    pub outbox_capacity: usize,
+    /// Longest time one write to a client may take before it is disconnected as a slow consumer.
+    pub write_timeout_ms: u64,
+    /// WebSocket read buffer per connection, in bytes.
+    pub ws_read_buffer: usize,
+    /// WebSocket write buffer per connection, in bytes.
+    pub ws_write_buffer: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatSettings {
+    /// Shortest interval the server accepts.
+    pub min_ms: u64,
+    /// Longest interval the server accepts.
+    pub max_ms: u64,
+    /// Interval for clients that state no range.
+    pub default_ms: u64,
+    /// A connection silent for more than this many intervals is closed.
+    pub missed: u32,
+}
+
+/// What happens when a user logs in again on a channel type where a connection exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicateLoginPolicy {
+    /// The new connection wins; the old one gets KICK `duplicate_login`.
+    KickOld,
+    /// The new connection is refused with `DUPLICATE_LOGIN`.
+    RejectNew,
+    /// Both stay connected.
+    AllowMultiple,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelSettings {
+    /// The channel types clients may log in with.
+    pub types: Vec<String>,
+    /// The duplicate-login policy of every channel type not in `duplicate_login_by_type`.
+    pub duplicate_login: DuplicateLoginPolicy,
+    /// Per-channel-type overrides of `duplicate_login`.
+    pub duplicate_login_by_type: BTreeMap<String, DuplicateLoginPolicy>,
+}
+
+impl ChannelSettings {
+    pub fn policy(&self, channel: &str) -> DuplicateLoginPolicy {
+        self.duplicate_login_by_type
+            .get(channel)
+            .copied()
+            .unwrap_or(self.duplicate_login)
+    }
+}
+
+/// JWT algorithms accepted for login tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub algorithm: JwtAlgorithm,
+    /// Shared secret for HS256.
+    pub secret: Option<Secret>,
+    /// PEM file with the public key for RS256/ES256.
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin API, `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+    /// Bearer token required by the admin API.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter, e.g. `info` or `imgate=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// Longest time a graceful shutdown waits for connections to close.
+    pub grace_ms: u64,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            id: "node-1".into(),
+            tag: None,
+        }
+    }
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            listen: "0.0.0.0:7400".parse().expect("valid address"),
+            advertise: None,
+            max_connections: 100_000,
+            max_frame_len: imgate_shared::codec::DEFAULT_MAX_FRAME_LEN,
+            login_timeout_ms: imgate_shared::protocol::DEFAULT_LOGIN_TIMEOUT_MS,
+            outbox_capacity: 256,
+            write_timeout_ms: 10_000,
+            ws_read_buffer: 1024,
+            ws_write_buffer: 4096,
+        }
+    }
+}
+
+impl Default for HeartbeatSettings {
+    fn default() -> Self {
+        HeartbeatSettings {
+            min_ms: 5_000,
+            max_ms: 300_000,
+            default_ms: 30_000,
+            missed: 3,
+        }
+    }
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        ChannelSettings {
+            types: ["app", "web", "pc"].map(String::from).to_vec(),
+            duplicate_login: DuplicateLoginPolicy::KickOld,
+            duplicate_login_by_type: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            algorithm: JwtAlgorithm::HS256,
+            secret: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 5,
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: "127.0.0.1:7401".parse().expect("valid address"),
+            token: None,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings { grace_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Figment(#[from] Box<figment::Error>),
+}
+
+impl Settings {
+    /// Loads settings: defaults, then `file` (TOML) when given, then `IMGATE_*` environment
+    /// variables, then `overrides` (command-line flags, as a partial settings tree).
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment
+            .merge(Env::prefixed("IMGATE_").split("__").ignore(&["config"]))
+            .merge(Serialized::defaults(overrides));
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let hb = &self.heartbeat;
+        if self.node.id.is_empty() || self.node.id.len() > imgate_shared::protocol::MAX_ID_LEN {
+            return invalid("node.id must be 1 to 128 bytes");
+        }
+        if matches!(self.node.tag, Some(t) if t >= 1024) {
+            return invalid("node.tag must be below 1024");
+        }
+        if hb.min_ms == 0
+            || hb.min_ms > hb.max_ms
+            || !(hb.min_ms..=hb.max_ms).contains(&hb.default_ms)
+        {
+            return invalid("heartbeat needs 0 < min_ms <= default_ms <= max_ms");
+        }
+        if hb.missed == 0 {
+            return invalid("heartbeat.missed must be at least 1");
+        }
+        if self.channels.types.is_empty() {
+            return invalid("channels.types must name at least one channel type");
+        }
+        for t in self.channels.duplicate_login_by_type.keys() {
+            if !self.channels.types.contains(t) {
+                return Err(ConfigError::Invalid(format!(
+                    "channels.duplicate_login_by_type names unknown channel type {t:?}"
+                )));
+            }
+        }
+        if self.client.max_frame_len < 256 || self.client.max_frame_len > 16 * 1024 * 1024 {
+            return invalid("client.max_frame_len must be between 256 bytes and 16 MiB");
+        }
+        if self.client.outbox_capacity == 0 || self.client.max_connections == 0 {
+            return invalid("client.outbox_capacity and client.max_connections must be positive");
+        }
+        let url = self.store.url.expose();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("mysql://")
+            || url.starts_with("mariadb://"))
+        {
+            return invalid("store.url must start with sqlite: or mysql://");
+        }
+        if self.store.batch_max_rows == 0
+            || self.store.queue_capacity == 0
+            || self.store.pool_size == 0
+        {
+            return invalid(
+                "store.batch_max_rows, store.queue_capacity and store.pool_size must be positive",
+            );
+        }
+        let c = &self.cluster;
+        if c.refresh_interval_ms == 0 || c.refresh_interval_ms * 2 > c.node_ttl_ms {
+            return invalid("cluster.refresh_interval_ms must be positive and at most half of cluster.node_ttl_ms");
+        }
+        if c.key_prefix.is_empty() {
+            return invalid("cluster.key_prefix must not be empty");
+        }
+        match self.auth.algorithm {
+            JwtAlgorithm::HS256 if self.auth.public_key_file.is_some() => {
+                invalid("auth.public_key_file needs algorithm RS256 or ES256")
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 if self.auth.public_key_file.is_none() => {
+                invalid("algorithms RS256 and ES256 need auth.public_key_file")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The address clients are told to connect to.
+    pub fn advertised_client_addr(&self) -> String {
+        self.client
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.client.listen.to_string())
+    }
+
+    /// The admin token, or the development default.
+    pub fn admin_token(&self) -> &str {
+        self.admin
+            .token
+            .as_ref()
+            .map(Secret::expose)
+            .unwrap_or(DEV_ADMIN_TOKEN)
+    }
+
+    /// The HS256 secret, or the development default.
+    pub fn jwt_secret(&self) -> &str {
+        self.auth
+            .secret
+            .as_ref()
+            .map(Secret::expose)
+            .unwrap_or(DEV_JWT_SECRET)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_secrets_are_masked() {
+        let mut s = Settings::default();
+        s.validate().unwrap();
+        s.auth.secret = Some(Secret::new("hunter2"));
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("***"));
+    }
+
+    #[test]
+    fn file_env_and_overrides_layer_and_unknown_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("imgate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("imgate.toml");
+        std::fs::write(
+            &file,
+            "[node]\nid = \"from-file\"\n[heartbeat]\nmissed = 5\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&file), serde_json::json!({})).unwrap();
+        assert_eq!(s.node.id, "from-file");
+        assert_eq!(s.heartbeat.missed, 5);
+
+        let s = Settings::load(
+            Some(&file),
+            serde_json::json!({"node": {"id": "from-flag"}}),
+        )
+        .unwrap();
+        assert_eq!(s.node.id, "from-flag");
+        assert_eq!(s.heartbeat.missed, 5);
+
+        std::fs::write(&file, "[node]\nid = \"x\"\nbogus = 1\n").unwrap();
+        let err = Settings::load(Some(&file), serde_json::json!({})).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+
+        std::fs::write(&file, "[heartbeat]\nmin_ms = 10\nmax_ms = 5\n").unwrap();
+        assert!(Settings::load(Some(&file), serde_json::json!({})).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature
+    fn environment_overrides_file_and_unknown_variables_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("imgate.toml", "[node]\nid = \"from-file\"\n")?;
+            jail.set_env("IMGATE_NODE__ID", "from-env");
+            jail.set_env("IMGATE_AUTH__SECRET", "env-secret");
+            jail.set_env("IMGATE_CHANNELS__TYPES", "[app, watch]");
+            let s = Settings::load(Some(Path::new("imgate.toml")), serde_json::json!({})).unwrap();
+            assert_eq!(s.node.id, "from-env");
+            assert_eq!(s.jwt_secret(), "env-secret");
+            assert_eq!(s.channels.types, vec!["app", "watch"]);
+            let s = Settings::load(None, serde_json::json!({"node": {"id": "flag"}})).unwrap();
+            assert_eq!(s.node.id, "flag");
+
+            jail.set_env("IMGATE_NODE__COLOR", "blue");
+            let err = Settings::load(None, serde_json::json!({})).unwrap_err();
+            assert!(err.to_string().contains("color"), "{err}");
+            Ok(())
+        });
+    }
+}

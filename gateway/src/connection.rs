@@ -1,0 +1,583 @@
+//! One task per client connection: the login phase, then a loop that reads frames, writes what the
+//! router queued in the connection's bounded outbox, and enforces heartbeats. Errors are logged once,
+//! here, inside a span that carries the peer address and connection id.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use imgate_shared::protocol::{HeartbeatRange, PROTOCOL_VERSION};
+use imgate_shared::{ClientFrame, ErrorCode, KickReason, ServerFrame};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::auth::unix_millis;
+use crate::cluster::RegisterOutcome;
+use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
+use crate::metrics;
+use crate::node::{Node, SlotGuard};
+use crate::registry::{ConnHandle, Outbound, RegisterError};
+use crate::router::valid_id;
+use crate::store::DeliveryState;
+use crate::transport::{self, FrameReader, FrameWriter, ReadError, WriteError};
+
+/// Most queued frames written in one batch before the socket is flushed.
+const MAX_WRITE_BATCH: usize = 64;
+/// Most sends of one connection awaiting their receipt; beyond it the connection is not read.
+const MAX_SENDS_IN_FLIGHT: usize = 64;
+/// Longest time spent writing a farewell frame (KICK or ERROR) before closing anyway.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: Option<SlotGuard>) {
+    let span = info_span!("conn", %peer, transport = tracing::field::Empty, user = tracing::field::Empty, conn = tracing::field::Empty);
+    async move {
+        let deadline =
+            Instant::now() + Duration::from_millis(node.settings.client.login_timeout_ms);
+        let (reader, mut writer, kind) =
+            match transport::accept(stream, &node.settings.client, deadline).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(error = %e, "handshake failed");
+                    metrics::counter_rejected("bad_handshake");
+                    return;
+                }
+            };
+        tracing::Span::current().record("transport", kind.as_str());
+        let Some(_slot) = slot else {
+            metrics::counter_rejected("limit");
+            metrics::counter_protocol_error(ErrorCode::ServerFull);
+            farewell(
+                &mut writer,
+                ServerFrame::error(ErrorCode::ServerFull, "node is full, try another node"),
+            )
+            .await;
+            return;
+        };
+        let mut conn = Connection {
+            node,
+            reader,
+            writer,
+            kind,
+            receipts: FuturesOrdered::new(),
+        };
+        // Boxed so that the login's state (token checks, registration) is freed once it is done
+        // instead of living on in every idle connection's task.
+        let close = match Box::pin(conn.login(deadline)).await {
+            Ok((handle, outbox, heartbeat)) => conn.run(handle, outbox, heartbeat).await,
+            Err(close) => {
+                count_close(&close, &conn.node);
+                close
+            }
+        };
+        conn.finish(close).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Close {
+    /// The client closed the socket.
+    PeerClosed,
+    /// The client sent LOGOUT.
+    Logout,
+    /// The server sends KICK with this reason.
+    Kick(KickReason),
+    /// The client was silent for too long.
+    HeartbeatTimeout,
+    /// The server sends ERROR with this code and message.
+    Error(ErrorCode, String),
+    /// The socket failed.
+    Io(String),
+}
+
+struct Connection {
+    node: Arc<Node>,
+    reader: FrameReader,
+    writer: FrameWriter,
+    kind: crate::registry::TransportKind,
+    /// Receipts of accepted sends, in the order the sends arrived. Each send runs in its own task,
+    /// so it completes (delivered and persisted) even if this connection goes away meanwhile.
+    receipts: FuturesOrdered<JoinHandle<ServerFrame>>,
+}
+
+/// The negotiated heartbeat of a session.
+#[derive(Debug, Clone, Copy)]
+struct Heartbeat {
+    interval: Duration,
+    idle_timeout: Duration,
+}
+
+/// Picks the heartbeat interval: the largest value inside both the client's range and the server's
+/// bounds; when they do not overlap, the server bound nearest to the client's range.
+pub fn negotiate_heartbeat(client: Option<HeartbeatRange>, server: &HeartbeatSettings) -> u64 {
+    match client {
+        None => server.default_ms,
+        Some(c) => {
+            let lo = c.min_ms.max(server.min_ms);
+            let hi = c.max_ms.min(server.max_ms);
+            if lo <= hi {
+                hi
+            } else if c.max_ms < server.min_ms {
+                server.min_ms
+            } else {
+                server.max_ms
+            }
+        }
+    }
+}
+
+impl Connection {
+    async fn login(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<(Arc<ConnHandle>, mpsc::Receiver<Outbound>, Heartbeat), Close> {
+        let node = self.node.clone();
+        let settings = &node.settings;
+        let first = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.reader.next()) => r,
+            _ = node.shutdown.cancelled() => {
+                return Err(Close::Error(ErrorCode::ShuttingDown, "node is shutting down".into()))
+            }
+        };
+        let bytes = match first {
+            Err(_) => {
+                return Err(login_failed(
+                    ErrorCode::LoginTimeout,
+                    "no LOGIN within the login timeout",
+                ))
+            }
+            Ok(None) => return Err(Close::PeerClosed),
+            Ok(Some(Err(ReadError::TooLarge))) => {
+                return Err(login_failed(
+                    ErrorCode::FrameTooLarge,
+                    too_large_message(settings.client.max_frame_len),
+                ))
+            }
+            Ok(Some(Err(e))) => return Err(Close::Io(e.to_string())),
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        let frame = match ClientFrame::decode(&bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                return Err(login_failed(
+                    ErrorCode::BadFrame,
+                    format!("invalid frame: {e}"),
+                ))
+            }
+        };
+        metrics::counter_frame_in(frame.kind());
+        let ClientFrame::Login {
+            token,
+            device_id,
+            channel,
+            client_version: _,
+            heartbeat,
+        } = frame
+        else {
+            return Err(login_failed(
+                ErrorCode::LoginRequired,
+                format!("the first frame must be login, not {}", frame.kind()),
+            ));
+        };
+        if !valid_id(&device_id) {
+            return Err(login_failed(
+                ErrorCode::InvalidField,
+                "device_id must be 1 to 128 bytes",
+            ));
+        }
+        if let Some(hb) = heartbeat {
+            if hb.min_ms > hb.max_ms {
+                return Err(login_failed(
+                    ErrorCode::InvalidField,
+                    "heartbeat.min_ms exceeds heartbeat.max_ms",
+                ));
+            }
+        }
+        if !node.router.is_channel(&channel) {
+            return Err(login_failed(
+                ErrorCode::UnknownChannel,
+                format!(
+                    "unknown channel type {channel:?}; accepted: {}",
+                    settings.channels.types.join(", ")
+                ),
+            ));
+        }
+        let claims = match node.auth.verify(&token) {
+            Ok(c) => c,
+            Err(e) => return Err(login_failed(e.code(), e.to_string())),
+        };
+
+        let (tx, rx) = mpsc::channel(settings.client.outbox_capacity);
+        let handle = Arc::new(ConnHandle::new(
+            claims.sub.into(),
+            channel.into(),
+            device_id.into(),
+            self.kind,
+            tx,
+        ));
+        let policy = settings.channels.policy(&handle.channel);
+        match node.router.registry().register(handle.clone(), policy) {
+            Ok(displaced) => {
+                for old in displaced {
+                    old.control.kick(KickReason::DuplicateLogin);
+                }
+            }
+            Err(RegisterError::Duplicate) => {
+                debug_assert_eq!(policy, DuplicateLoginPolicy::RejectNew);
+                return Err(login_failed(
+                    ErrorCode::DuplicateLogin,
+                    "already connected on this channel type",
+                ));
+            }
+        }
+        // The same policy across the cluster: older connections on other nodes are kicked there.
+        match node.cluster().register(&handle.presence(), policy).await {
+            Ok(RegisterOutcome::Registered) => {}
+            Ok(RegisterOutcome::Rejected) => {
+                node.registry().unregister(&handle.user, handle.id);
+                return Err(login_failed(
+                    ErrorCode::DuplicateLogin,
+                    "already connected on this channel type on another node",
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, "presence not registered; it is re-registered when the cluster recovers")
+            }
+        }
+        metrics::gauge_connections(self.kind, &handle.channel, 1.0);
+        metrics::counter_login("ok");
+        let span = tracing::Span::current();
+        span.record("user", &*handle.user);
+        span.record("conn", handle.id);
+
+        let interval_ms = negotiate_heartbeat(heartbeat, &settings.heartbeat);
+        let heartbeat = Heartbeat {
+            interval: Duration::from_millis(interval_ms),
+            idle_timeout: Duration::from_millis(interval_ms * u64::from(settings.heartbeat.missed)),
+        };
+        let result = ServerFrame::LoginResult {
+            session_id: format!("{:032x}", rand::random::<u128>()),
+            heartbeat_ms: interval_ms,
+            idle_timeout_ms: heartbeat.idle_timeout.as_millis() as u64,
+            node_id: node.node_id().to_owned(),
+            user_id: handle.user.to_string(),
+            server_time_ms: unix_millis(),
+            protocol: PROTOCOL_VERSION,
+        };
+        if let Err(e) = self.reply(&result).await {
+            self.unregister(&handle).await;
+            metrics::gauge_connections(self.kind, &handle.channel, -1.0);
+            return Err(Close::Io(e.to_string()));
+        }
+        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, "logged in");
+        Ok((handle, rx, heartbeat))
+    }
+
+    async fn run(
+        &mut self,
+        handle: Arc<ConnHandle>,
+        mut outbox: mpsc::Receiver<Outbound>,
+        heartbeat: Heartbeat,
+    ) -> Close {
+        let node = self.node.clone();
+        let write_timeout = Duration::from_millis(node.settings.client.write_timeout_ms);
+        let mut last_activity = Instant::now();
+        let idle_check = tokio::time::sleep_until(last_activity + heartbeat.idle_timeout);
+        tokio::pin!(idle_check);
+        let mut latencies = Vec::new();
+        let close = loop {
+            tokio::select! {
+                biased;
+                _ = node.shutdown.cancelled() => break Close::Kick(KickReason::Shutdown),
+                _ = handle.control.kicked() => {
+                    break Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin))
+                }
+                Some(first) = outbox.recv() => {
+                    let batch = write_batch(&mut self.writer, first, &mut outbox, &mut latencies);
+                    // A write blocked on a client that does not read ends at the write timeout,
+                    // or sooner when the connection is kicked (its outbox overflowed meanwhile).
+                    let written = tokio::select! {
+                        written = timeout(write_timeout, batch) => written,
+                        _ = handle.control.kicked() => {
+                            break Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin))
+                        }
+                    };
+                    match written {
+                        Ok(Ok(())) => {
+                            let now = std::time::Instant::now();
+                            for accepted in latencies.drain(..) {
+                                node.metrics.push_latency.record(now.duration_since(accepted));
+                            }
+                        }
+                        Ok(Err(e)) => break Close::Io(e.to_string()),
+                        Err(_) => break Close::Kick(KickReason::SlowConsumer),
+                    }
+                }
+                Some(receipt) = self.receipts.next(), if !self.receipts.is_empty() => {
+                    let frame = receipt.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "send task failed");
+                        ServerFrame::error(ErrorCode::Internal, "the message could not be processed")
+                    });
+                    if let Err(e) = self.reply(&frame).await {
+                        break Close::Io(e.to_string());
+                    }
+                }
+                frame = self.reader.next(), if self.receipts.len() < MAX_SENDS_IN_FLIGHT => {
+                    last_activity = Instant::now();
+                    match frame {
+                        None => break Close::PeerClosed,
+                        Some(Err(ReadError::TooLarge)) => {
+                            break Close::Error(ErrorCode::FrameTooLarge, too_large_message(node.settings.client.max_frame_len))
+                        }
+                        Some(Err(e)) => break Close::Io(e.to_string()),
+                        Some(Ok(bytes)) => {
+                            if let Some(close) = self.on_frame(&handle, bytes).await {
+                                break close;
+                            }
+                        }
+                    }
+                }
+                () = &mut idle_check => {
+                    if self.receipts.len() >= MAX_SENDS_IN_FLIGHT {
+                        // Not reading is our doing (receipts are pending), not the client's
+                        // silence: its frames wait in the socket.
+                        last_activity = Instant::now();
+                    }
+                    let due = last_activity + heartbeat.idle_timeout;
+                    if Instant::now() >= due {
+                        break Close::HeartbeatTimeout;
+                    }
+                    idle_check.as_mut().reset(due);
+                }
+            }
+        };
+        debug!(
+            ?close,
+            interval_ms = heartbeat.interval.as_millis() as u64,
+            "connection ending"
+        );
+        // Counted before the connection leaves the registry: whoever sees it gone sees it counted.
+        count_close(&close, &node);
+        self.unregister(&handle).await;
+        metrics::gauge_connections(self.kind, &handle.channel, -1.0);
+        close
+    }
+
+    /// Handles one frame of a logged-in connection; `Some` ends the connection.
+    async fn on_frame(&mut self, handle: &Arc<ConnHandle>, bytes: Bytes) -> Option<Close> {
+        let frame = match ClientFrame::decode(&bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                metrics::counter_frame_in("invalid");
+                let error = ServerFrame::error(ErrorCode::BadFrame, format!("invalid frame: {e}"));
+                metrics::counter_protocol_error(ErrorCode::BadFrame);
+                return self
+                    .reply(&error)
+                    .await
+                    .err()
+                    .map(|e| Close::Io(e.to_string()));
+            }
+        };
+        metrics::counter_frame_in(frame.kind());
+        let reply = match frame {
+            ClientFrame::Heartbeat {} => ServerFrame::HeartbeatAck {
+                server_time_ms: unix_millis(),
+            },
+            ClientFrame::Send {
+                to,
+                channel,
+                client_msg_id,
+                body,
+            } => {
+                // Boxed: a send's state exists only while a send is being taken.
+                Box::pin(self.on_send(handle, to, channel, client_msg_id, body)).await;
+                return None;
+            }
+            ClientFrame::Ack { id } => {
+                metrics::counter_ack();
+                self.node
+                    .store()
+                    .mark(&handle.user, &[id], DeliveryState::Acknowledged);
+                return None;
+            }
+            ClientFrame::Logout {} => return Some(Close::Logout),
+            ClientFrame::Login { .. } => {
+                metrics::counter_protocol_error(ErrorCode::AlreadyLoggedIn);
+                ServerFrame::error(
+                    ErrorCode::AlreadyLoggedIn,
+                    "this connection is already logged in",
+                )
+            }
+        };
+        self.reply(&reply)
+            .await
+            .err()
+            .map(|e| Close::Io(e.to_string()))
+    }
+
+    /// Takes a send: the id, the place in the store's queue and the local delivery happen here,
+    /// in the order sends arrive; the rest (other nodes, the commit) runs in a task of its own
+    /// whose result is the receipt.
+    async fn on_send(
+        &mut self,
+        handle: &Arc<ConnHandle>,
+        to: String,
+        channel: Option<String>,
+        client_msg_id: String,
+        body: imgate_shared::protocol::Body,
+    ) {
+        let node = self.node.clone();
+        let router = &node.router;
+        let checked = if valid_id(&client_msg_id) {
+            router.check(&to, channel.as_deref())
+        } else {
+            Err(ErrorCode::InvalidField)
+        };
+        let begun = match checked {
+            Err(reason) => Err(router.refused(reason)),
+            Ok(()) => {
+                let from = Some(handle.user.clone());
+                let msg = router.accept(from, to, channel, body, Some(client_msg_id.clone()));
+                router.begin(msg).await
+            }
+        };
+        let receipt = |delivery: crate::router::Delivery| ServerFrame::SendResult {
+            client_msg_id,
+            id: delivery.id,
+            status: delivery.status,
+            connections: delivery.connections,
+            reason: delivery.reason,
+        };
+        let task = match begun {
+            Err(refused) => {
+                let frame = receipt(refused);
+                node.tasks.spawn(async move { frame })
+            }
+            Ok(submission) => {
+                let node = node.clone();
+                node.clone()
+                    .tasks
+                    .spawn(async move { receipt(node.router.finish(submission).await) })
+            }
+        };
+        self.receipts.push_back(task);
+    }
+
+    /// Writes a reply frame now.
+    async fn reply(&mut self, frame: &ServerFrame) -> Result<(), WriteError> {
+        let write_timeout = Duration::from_millis(self.node.settings.client.write_timeout_ms);
+        metrics::counter_frame_out(frame.kind());
+        match timeout(write_timeout, self.writer.send(frame.encode())).await {
+            Ok(r) => r,
+            Err(_) => Err(WriteError::Io(std::io::ErrorKind::TimedOut.into())),
+        }
+    }
+
+    async fn unregister(&self, handle: &ConnHandle) {
+        let node = &self.node;
+        if node.registry().unregister(&handle.user, handle.id) {
+            node.cluster().unregister(&handle.user, handle.id).await;
+        }
+    }
+
+    /// Says goodbye as `close` requires and closes the socket.
+    async fn finish(mut self, close: Close) {
+        match close {
+            Close::PeerClosed | Close::Logout | Close::HeartbeatTimeout => {}
+            Close::Kick(reason) => farewell(&mut self.writer, ServerFrame::kick(reason)).await,
+            Close::Error(code, message) => {
+                farewell(&mut self.writer, ServerFrame::error(code, message)).await
+            }
+            Close::Io(error) => debug!(%error, "connection failed"),
+        }
+        let _ = timeout(FAREWELL_TIMEOUT, self.writer.close()).await;
+    }
+}
+
+/// Counts why a connection ends.
+fn count_close(close: &Close, node: &Node) {
+    match close {
+        Close::Kick(reason) => {
+            metrics::counter_kick(*reason);
+            if *reason == KickReason::SlowConsumer {
+                node.metrics.slow_consumer_kicks.increment(1);
+            }
+        }
+        Close::HeartbeatTimeout => metrics::counter_heartbeat_timeout(),
+        Close::Error(code, _) => metrics::counter_protocol_error(*code),
+        Close::PeerClosed | Close::Logout | Close::Io(_) => {}
+    }
+}
+
+/// Counts a failed login and turns it into the ERROR that closes the connection.
+fn login_failed(code: ErrorCode, message: impl Into<String>) -> Close {
+    metrics::counter_login(code.name());
+    Close::Error(code, message.into())
+}
+
+fn too_large_message(max: usize) -> String {
+    format!("frame longer than the maximum of {max} bytes")
+}
+
+/// Writes a last frame, waiting at most [`FAREWELL_TIMEOUT`].
+async fn farewell(writer: &mut FrameWriter, frame: ServerFrame) {
+    metrics::counter_frame_out(frame.kind());
+    let _ = timeout(FAREWELL_TIMEOUT, writer.send(frame.encode())).await;
+}
+
+/// Writes `first` and whatever else is already queued (up to [`MAX_WRITE_BATCH`]) with one flush,
+/// noting the acceptance time of each pushed message in `latencies`.
+async fn write_batch(
+    writer: &mut FrameWriter,
+    first: Outbound,
+    outbox: &mut mpsc::Receiver<Outbound>,
+    latencies: &mut Vec<std::time::Instant>,
+) -> Result<(), WriteError> {
+    latencies.clear();
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(out) = next {
+        writer.feed(out.payload).await?;
+        if let Some(accepted) = out.accepted {
+            latencies.push(accepted);
+        }
+        written += 1;
+        next = if written < MAX_WRITE_BATCH {
+            outbox.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    writer.flush().await?;
+    metrics::counter_pushes_out(latencies.len() as u64);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_negotiation() {
+        let s = HeartbeatSettings {
+            min_ms: 5_000,
+            max_ms: 60_000,
+            default_ms: 30_000,
+            missed: 3,
+        };
+        let r = |min_ms, max_ms| Some(HeartbeatRange { min_ms, max_ms });
+        assert_eq!(negotiate_heartbeat(None, &s), 30_000);
+        assert_eq!(negotiate_heartbeat(r(10_000, 20_000), &s), 20_000);
+        assert_eq!(negotiate_heartbeat(r(1_000, 100_000), &s), 60_000);
+        assert_eq!(negotiate_heartbeat(r(1_000, 2_000), &s), 5_000);
+        assert_eq!(negotiate_heartbeat(r(90_000, 120_000), &s), 60_000);
+    }
+}

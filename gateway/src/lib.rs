@@ -1,0 +1,213 @@
+//! imgate: an IM gateway node. Clients hold long connections over TCP or WebSocket; the node keeps
+//! a local map of (user, channel type) → connection and pushes each message to every live
+//! connection of its recipient. [`run`] serves one node until its shutdown token is cancelled;
+//! `main.rs` only parses configuration, binds and calls it, and tests call it on port 0.
+//!
+//! Where things live: [`transport`] (TCP and WebSocket framing), [`connection`] (the per-connection
+//! task: login, heartbeats, reading and writing), [`registry`] (the local map), [`router`] (where a
+//! message goes), [`api`] (the admin HTTP API), [`auth`] (JWT), [`metrics`], [`config`].
+
+pub mod api;
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod connection;
+pub mod ids;
+pub mod metrics;
+pub mod node;
+pub mod registry;
+pub mod router;
+pub mod store;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::Settings;
+pub use node::Node;
+
+/// The sockets a node serves: client connections (TCP and WebSocket) and the admin API.
+pub struct Listeners {
+    pub client: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `settings`.
+    pub async fn bind(settings: &Settings) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            client: bind_with_backlog(settings.client.listen, CLIENT_BACKLOG)?,
+            admin: TcpListener::bind(settings.admin.listen).await?,
+        })
+    }
+}
+
+/// Pending connections the kernel queues on the client port. The usual default (128) overflows
+/// when many clients reconnect at once (a node restart), and dropped SYNs wait 1 s, then 3 s.
+pub const CLIENT_BACKLOG: u32 = 4096;
+
+fn bind_with_backlog(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] node::StartError),
+    #[error("admin API failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Serves one node on `listeners` until `shutdown` is cancelled, then shuts down gracefully: stops
+/// accepting, sends KICK `shutdown` to every client, and waits for connections to close within the
+/// configured grace period.
+pub async fn run(
+    mut settings: Settings,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if settings.client.advertise.is_none() {
+        // What clients are told (alloc, the node registry): the address really bound, so that
+        // port 0 resolves. Behind NAT or on 0.0.0.0, set client.advertise.
+        if let Ok(addr) = listeners.client.local_addr() {
+            settings.client.advertise = Some(addr.to_string());
+        }
+    }
+    let prometheus = metrics::install();
+    warn_about_development_secrets(&settings);
+    let grace = Duration::from_millis(settings.shutdown.grace_ms);
+    let Listeners { client, admin } = listeners;
+
+    // While the node connects to the database and Redis (which may take a while), the admin port
+    // already answers: /healthz 200, /readyz 503 "starting". It serves on a clone of the socket,
+    // so the real API takes over the same socket afterwards.
+    let admin = admin.into_std().map_err(RunError::Admin)?;
+    let starting_stop = CancellationToken::new();
+    let starting = {
+        let listener = TcpListener::from_std(admin.try_clone().map_err(RunError::Admin)?)
+            .map_err(RunError::Admin)?;
+        let stop = starting_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, api::starting_router())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+    let started = tokio::select! {
+        started = Node::start(settings, prometheus, shutdown.clone()) => Some(started),
+        _ = shutdown.cancelled() => None,
+    };
+    starting_stop.cancel();
+    let _ = starting.await;
+    let Some(started) = started else {
+        info!("shutdown requested while starting");
+        return Ok(());
+    };
+    let node = Arc::new(started?);
+
+    let admin_stop = CancellationToken::new();
+    let admin = {
+        let app = api::router(node.clone());
+        let stop = admin_stop.clone();
+        let listener = TcpListener::from_std(admin).map_err(RunError::Admin)?;
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+    let upkeep = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => break,
+                    _ = tick.tick() => node.prometheus.run_upkeep(),
+                }
+            }
+        })
+    };
+
+    node.set_ready(true);
+    info!(node = %node.node_id(), "node ready");
+    accept_loop(&client, &node).await;
+
+    // Draining: no new connections, and other nodes stop routing here.
+    drop(client);
+    node.cluster().leave().await;
+    info!("shutting down: kicking clients");
+    node.set_ready(false);
+    node.tasks.close();
+    if tokio::time::timeout(grace, node.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = node.tasks.len(),
+            "grace period over with connections still open"
+        );
+    }
+    node.store().close().await;
+    admin_stop.cancel();
+    upkeep.abort();
+    match admin.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Admin(e)),
+        Err(e) => {
+            error!(error = %e, "admin task failed");
+            Ok(())
+        }
+    }
+}
+
+/// Accepts client sockets until shutdown, spawning a connection task for each.
+async fn accept_loop(listener: &TcpListener, node: &Arc<Node>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let slot = node.claim_slot();
+                node.tasks
+                    .spawn(connection::serve(stream, peer, node.clone(), slot));
+            }
+            Err(e) => {
+                // Out of file descriptors or a similar transient failure: back off briefly
+                // instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
+fn warn_about_development_secrets(settings: &Settings) {
+    if settings.auth.secret.is_none() && settings.auth.algorithm == config::JwtAlgorithm::HS256 {
+        warn!(
+            "!!! no auth.secret configured: using the PUBLIC DEVELOPMENT JWT SECRET. Anyone can mint tokens. Set IMGATE_AUTH__SECRET before exposing this node. !!!"
+        );
+    }
+    if settings.admin.token.is_none() {
+        warn!(
+            "!!! no admin.token configured: the admin API accepts the PUBLIC DEVELOPMENT TOKEN {:?}. Set IMGATE_ADMIN__TOKEN before exposing this node. !!!",
+            config::DEV_ADMIN_TOKEN
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Prometheus metrics. Every metric is named and described here; `docs/metrics.md` is the catalog
+//! and a test keeps the two in step.
+
+use std::sync::OnceLock;
+
+use imgate_shared::{ErrorCode, KickReason};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::registry::TransportKind;
+
+pub const CONNECTIONS: &str = "imgate_connections";
+pub const CONNECTIONS_REJECTED: &str = "imgate_connections_rejected_total";
+pub const LOGINS: &str = "imgate_logins_total";
+pub const FRAMES_IN: &str = "imgate_frames_in_total";
+pub const FRAMES_OUT: &str = "imgate_frames_out_total";
+pub const MESSAGES: &str = "imgate_messages_total";
+pub const BROADCAST_DELIVERIES: &str = "imgate_broadcast_deliveries_total";
+pub const ACKS: &str = "imgate_acks_total";
+pub const KICKS: &str = "imgate_kicks_total";
+pub const SLOW_CONSUMER_KICKS: &str = "imgate_slow_consumer_kicks_total";
+pub const HEARTBEAT_TIMEOUTS: &str = "imgate_heartbeat_timeouts_total";
+pub const PROTOCOL_ERRORS: &str = "imgate_protocol_errors_total";
+pub const ADMIN_REQUESTS: &str = "imgate_admin_requests_total";
+pub const PUSH_LATENCY: &str = "imgate_push_latency_seconds";
+
+/// Every metric of the node (gateway, store and cluster) with its kind, as listed in
+/// `docs/metrics.md`.
+pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
+    CATALOG
+        .iter()
+        .chain(crate::store::CATALOG)
+        .chain(crate::cluster::metrics::CATALOG)
+        .copied()
+}
+
+/// The gateway's own metrics with their kinds (see also [`catalog`]).
+pub const CATALOG: &[(&str, &str)] = &[
+    (CONNECTIONS, "gauge"),
+    (CONNECTIONS_REJECTED, "counter"),
+    (LOGINS, "counter"),
+    (FRAMES_IN, "counter"),
+    (FRAMES_OUT, "counter"),
+    (MESSAGES, "counter"),
+    (BROADCAST_DELIVERIES, "counter"),
+    (ACKS, "counter"),
+    (KICKS, "counter"),
+    (SLOW_CONSUMER_KICKS, "counter"),
+    (HEARTBEAT_TIMEOUTS, "counter"),
+    (PROTOCOL_ERRORS, "counter"),
+    (ADMIN_REQUESTS, "counter"),
+    (PUSH_LATENCY, "histogram"),
+];
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Installs the process-wide Prometheus recorder (once; later calls share it) and returns the
+/// handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::store::metric::BATCH_ROWS.to_owned()),
+                        crate::store::BATCH_ROWS_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::store::metric::FLUSH_SECONDS.to_owned()),
+                        crate::store::FLUSH_SECONDS_BUCKETS,
+                    )
+                })
+                .expect("buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            crate::store::describe_metrics();
+            crate::cluster::metrics::describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(
+        CONNECTIONS,
+        "Live authenticated connections, by transport and channel type."
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Sockets dropped before login, by reason: limit (node full) or bad_handshake (closed or failed before its first frame, e.g. a TCP health check)."
+    );
+    describe_counter!(LOGINS, "Login attempts by result (ok or an error name).");
+    describe_counter!(FRAMES_IN, "Frames received from clients, by command.");
+    describe_counter!(FRAMES_OUT, "Frames written to clients, by command.");
+    describe_counter!(
+        MESSAGES,
+        "Messages by per-recipient outcome (delivered, stored, refused)."
+    );
+    describe_counter!(
+        BROADCAST_DELIVERIES,
+        "Connections a broadcast was written to."
+    );
+    describe_counter!(ACKS, "Acknowledgements received from clients.");
+    describe_counter!(
+        KICKS,
+        "Connections closed by the server with KICK, by reason."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_KICKS,
+        "Connections disconnected because their outbox was full or a write timed out."
+    );
+    describe_counter!(
+        HEARTBEAT_TIMEOUTS,
+        "Connections closed because they were silent for too many heartbeat intervals."
+    );
+    describe_counter!(
+        PROTOCOL_ERRORS,
+        "ERROR frames sent to clients, by error name."
+    );
+    describe_counter!(
+        ADMIN_REQUESTS,
+        "Admin API requests, by route and status code."
+    );
+    describe_histogram!(
+        PUSH_LATENCY,
+        Unit::Seconds,
+        "Time from a message being accepted to its PUSH frame being written to a connection."
+    );
+}
+
+/// Handles of the metrics on the hot path, registered once.
+#[derive(Clone)]
+pub struct HotMetrics {
+    pub push_latency: Histogram,
+    pub slow_consumer_kicks: Counter,
+    pub delivered: Counter,
+    pub stored: Counter,
+    pub refused: Counter,
+    pub broadcast_deliveries: Counter,
+}
+
+impl HotMetrics {
+    pub fn new() -> Self {
+        HotMetrics {
+            push_latency: metrics::histogram!(PUSH_LATENCY),
+            slow_consumer_kicks: metrics::counter!(SLOW_CONSUMER_KICKS),
+            delivered: metrics::counter!(MESSAGES, "outcome" => "delivered"),
+            stored: metrics::counter!(MESSAGES, "outcome" => "stored"),
+            refused: metrics::counter!(MESSAGES, "outcome" => "refused"),
+            broadcast_deliveries: metrics::counter!(BROADCAST_DELIVERIES),
+        }
+    }
+}
+
+impl Default for HotMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn counter_rejected(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn counter_login(result: &'static str) {
+    metrics::counter!(LOGINS, "result" => result).increment(1);
+}
+
+pub fn counter_frame_in(cmd: &'static str) {
+    metrics::counter!(FRAMES_IN, "cmd" => cmd).increment(1);
+}
+
+pub fn counter_frame_out(cmd: &'static str) {
+    metrics::counter!(FRAMES_OUT, "cmd" => cmd).increment(1);
+}
+
+pub fn counter_pushes_out(n: u64) {
+    metrics::counter!(FRAMES_OUT, "cmd" => "push").increment(n);
+}
+
+pub fn counter_protocol_error(code: ErrorCode) {
+    metrics::counter!(PROTOCOL_ERRORS, "error" => code.name()).increment(1);
+}
+
+pub fn counter_ack() {
+    metrics::counter!(ACKS).increment(1);
+}
+
+pub fn counter_kick(reason: KickReason) {
+    metrics::counter!(KICKS, "reason" => reason.as_str()).increment(1);
+}
+
+pub fn counter_heartbeat_timeout() {
+    metrics::counter!(HEARTBEAT_TIMEOUTS).increment(1);
+}
+
+pub fn gauge_connections(transport: TransportKind, channel: &str, delta: f64) {
+    metrics::gauge!(CONNECTIONS, "transport" => transport.as_str(), "channel" => channel.to_owned())
+        .increment(delta);
+}

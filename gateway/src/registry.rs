@@ -1,0 +1,390 @@
+//! The local map: user id → the live connections of that user on this node, each with its channel
+//! type. Registration applies the duplicate-login policy atomically per user (under the map's
+//! shard lock), so two logins racing on the same node cannot both win.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use imgate_shared::KickReason;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DuplicateLoginPolicy;
+
+/// Which transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Ws,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Ws => "ws",
+        }
+    }
+}
+
+/// One encoded frame queued for a connection.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The frame's JSON payload, shared by every recipient.
+    pub payload: Bytes,
+    /// When the message was accepted, for the push-latency histogram; `None` for other frames.
+    pub accepted: Option<Instant>,
+}
+
+/// The kill switch of a connection: a reason and a token its task watches.
+#[derive(Debug, Default)]
+pub struct Control {
+    token: CancellationToken,
+    reason: OnceLock<KickReason>,
+}
+
+impl Control {
+    /// Asks the connection to send KICK `reason` and close; the first reason wins.
+    pub fn kick(&self, reason: KickReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<KickReason> {
+        self.reason.get().copied()
+    }
+
+    pub async fn kicked(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// What the rest of the node holds of a live connection.
+#[derive(Debug)]
+pub struct ConnHandle {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub channel: Arc<str>,
+    pub device_id: Arc<str>,
+    pub transport: TransportKind,
+    pub connected_at_ms: u64,
+    outbox: mpsc::Sender<Outbound>,
+    pub control: Control,
+}
+
+impl ConnHandle {
+    pub fn new(
+        user: Arc<str>,
+        channel: Arc<str>,
+        device_id: Arc<str>,
+        transport: TransportKind,
+        outbox: mpsc::Sender<Outbound>,
+    ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        ConnHandle {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            user,
+            channel,
+            device_id,
+            transport,
+            connected_at_ms: crate::auth::unix_millis(),
+            outbox,
+            control: Control::default(),
+        }
+    }
+
+    /// How presence records this connection.
+    pub fn presence(&self) -> crate::cluster::LocalConnection {
+        crate::cluster::LocalConnection {
+            conn_id: self.id,
+            user: self.user.to_string(),
+            channel: self.channel.to_string(),
+            device_id: self.device_id.to_string(),
+            transport: self.transport.as_str().to_owned(),
+            connected_since_ms: self.connected_at_ms,
+        }
+    }
+
+    /// Queues a frame without waiting. A full outbox means the client does not read fast enough:
+    /// the connection is kicked as a slow consumer and `false` returned.
+    pub fn offer(&self, frame: Outbound) -> bool {
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.control.kick(KickReason::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("user already connected on this channel type")]
+    Duplicate,
+}
+
+/// The local map of live connections.
+#[derive(Default)]
+pub struct Registry {
+    users: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    connections: AtomicUsize,
+}
+
+impl Registry {
+    /// Adds `conn`, applying `policy` to connections of the same user and channel type. Returns the
+    /// connections it displaced; the caller kicks them.
+    pub fn register(
+        &self,
+        conn: Arc<ConnHandle>,
+        policy: DuplicateLoginPolicy,
+    ) -> Result<Vec<Arc<ConnHandle>>, RegisterError> {
+        let mut entry = self.users.entry(conn.user.clone()).or_default();
+        let conns = entry.value_mut();
+        let same_channel = |c: &Arc<ConnHandle>| c.channel == conn.channel;
+        let mut displaced = Vec::new();
+        match policy {
+            DuplicateLoginPolicy::AllowMultiple => {}
+            DuplicateLoginPolicy::RejectNew => {
+                if conns.iter().any(same_channel) {
+                    return Err(RegisterError::Duplicate);
+                }
+            }
+            DuplicateLoginPolicy::KickOld => {
+                let (old, keep): (Vec<_>, Vec<_>) = conns.drain(..).partition(same_channel);
+                *conns = keep;
+                displaced = old;
+            }
+        }
+        conns.push(conn);
+        drop(entry);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections
+            .fetch_sub(displaced.len(), Ordering::Relaxed);
+        Ok(displaced)
+    }
+
+    /// Removes connection `id` of `user`; `false` if it was no longer registered.
+    pub fn unregister(&self, user: &str, id: u64) -> bool {
+        let removed = match self.users.get_mut(user) {
+            Some(mut conns) => match conns.iter().position(|c| c.id == id) {
+                Some(pos) => {
+                    conns.swap_remove(pos);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if removed {
+            self.users.remove_if(user, |_, conns| conns.is_empty());
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Calls `f` with every connection of `user` (of `channel` when given), under the map's read
+    /// lock: `f` must not block.
+    pub fn for_each_of_user(
+        &self,
+        user: &str,
+        channel: Option<&str>,
+        mut f: impl FnMut(&Arc<ConnHandle>),
+    ) {
+        if let Some(conns) = self.users.get(user) {
+            for c in conns.iter() {
+                if channel.is_none_or(|ch| *c.channel == *ch) {
+                    f(c);
+                }
+            }
+        }
+    }
+
+    /// The connections of `user` (of `channel` when given).
+    pub fn connections_of(&self, user: &str, channel: Option<&str>) -> Vec<Arc<ConnHandle>> {
+        let mut out = Vec::new();
+        self.for_each_of_user(user, channel, |c| out.push(c.clone()));
+        out
+    }
+
+    /// Calls `f` with every connection (of `channel` when given). Holds one shard lock at a time.
+    pub fn for_each(&self, channel: Option<&str>, mut f: impl FnMut(&Arc<ConnHandle>)) {
+        for entry in self.users.iter() {
+            for c in entry.value() {
+                if channel.is_none_or(|ch| *c.channel == *ch) {
+                    f(c);
+                }
+            }
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Queues `payload` (a push accepted at `accepted`) on every connection of `user` (of
+    /// `channel` when given); returns how many took it.
+    pub fn deliver(
+        &self,
+        user: &str,
+        channel: Option<&str>,
+        payload: &Bytes,
+        accepted: Instant,
+    ) -> u32 {
+        let mut connections = 0;
+        self.for_each_of_user(user, channel, |conn| {
+            let frame = Outbound {
+                payload: payload.clone(),
+                accepted: Some(accepted),
+            };
+            if conn.offer(frame) {
+                connections += 1;
+            }
+        });
+        connections
+    }
+
+    /// Queues `payload` on every connection (of `channel` when given); returns how many took it.
+    pub fn broadcast(&self, channel: Option<&str>, payload: &Bytes) -> usize {
+        let accepted = Instant::now();
+        let mut reached = 0;
+        self.for_each(channel, |conn| {
+            let frame = Outbound {
+                payload: payload.clone(),
+                accepted: Some(accepted),
+            };
+            if conn.offer(frame) {
+                reached += 1;
+            }
+        });
+        reached
+    }
+
+    /// Kicks every connection of `user` (of `channel` when given); returns how many.
+    pub fn kick_user(&self, user: &str, channel: Option<&str>, reason: KickReason) -> usize {
+        let mut kicked = 0;
+        self.for_each_of_user(user, channel, |conn| {
+            conn.control.kick(reason);
+            kicked += 1;
+        });
+        kicked
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// What the cluster asks of this node when another node addresses it: the local map answers.
+impl crate::cluster::LocalNode for Registry {
+    fn deliver_local(&self, user: &str, channel: Option<&str>, push: Bytes) -> u32 {
+        self.deliver(user, channel, &push, Instant::now())
+    }
+
+    fn broadcast_local(&self, channel: Option<&str>, push: Bytes) -> usize {
+        self.broadcast(channel, &push)
+    }
+
+    fn kick_connection(&self, user: &str, conn_id: u64, reason: KickReason) -> bool {
+        let mut kicked = false;
+        self.for_each_of_user(user, None, |conn| {
+            if conn.id == conn_id {
+                conn.control.kick(reason);
+                kicked = true;
+            }
+        });
+        kicked
+    }
+
+    fn kick_user(&self, user: &str, channel: Option<&str>, reason: KickReason) -> usize {
+        Registry::kick_user(self, user, channel, reason)
+    }
+
+    fn local_connections(&self) -> Vec<crate::cluster::LocalConnection> {
+        let mut all = Vec::with_capacity(self.connection_count());
+        self.for_each(None, |conn| all.push(conn.presence()));
+        all
+    }
+
+    fn connection_count(&self) -> usize {
+        Registry::connection_count(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(user: &str, channel: &str) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(1);
+        let h = ConnHandle::new(
+            user.into(),
+            channel.into(),
+            "d".into(),
+            TransportKind::Tcp,
+            tx,
+        );
+        (Arc::new(h), rx)
+    }
+
+    #[test]
+    fn policies() {
+        let r = Registry::default();
+        let (a1, _r1) = conn("a", "app");
+        let (a2, _r2) = conn("a", "app");
+        let (a3, _r3) = conn("a", "web");
+        assert!(r
+            .register(a1.clone(), DuplicateLoginPolicy::KickOld)
+            .unwrap()
+            .is_empty());
+        assert!(r
+            .register(a3.clone(), DuplicateLoginPolicy::KickOld)
+            .unwrap()
+            .is_empty());
+        let displaced = r
+            .register(a2.clone(), DuplicateLoginPolicy::KickOld)
+            .unwrap();
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(displaced[0].id, a1.id);
+        assert_eq!(r.connection_count(), 2);
+        assert!(
+            !r.unregister("a", a1.id),
+            "a displaced connection is already gone"
+        );
+
+        let (a4, _r4) = conn("a", "app");
+        assert!(r
+            .register(a4.clone(), DuplicateLoginPolicy::RejectNew)
+            .is_err());
+        assert!(r
+            .register(a4.clone(), DuplicateLoginPolicy::AllowMultiple)
+            .unwrap()
+            .is_empty());
+        assert_eq!(r.connections_of("a", Some("app")).len(), 2);
+        assert_eq!(r.connections_of("a", None).len(), 3);
+
+        for c in [&a2, &a3, &a4] {
+            assert!(r.unregister("a", c.id));
+        }
+        assert_eq!(r.connection_count(), 0);
+        assert_eq!(r.user_count(), 0);
+    }
+
+    #[test]
+    fn full_outbox_kicks_slow_consumer() {
+        let (c, _rx) = conn("a", "app");
+        let frame = || Outbound {
+            payload: Bytes::from_static(b"{}"),
+            accepted: None,
+        };
+        assert!(c.offer(frame()));
+        assert!(!c.offer(frame()));
+        assert_eq!(c.control.reason(), Some(KickReason::SlowConsumer));
+    }
+}

@@ -1,0 +1,313 @@
+//! Where a message goes. It gets a cluster-unique id, takes a place in the store's write queue
+//! (or is refused before anything happens), is encoded once as a PUSH frame, and the same bytes
+//! are queued on every live local connection of the recipient; for connections on other nodes
+//! the cluster carries it over the bus (`cluster`). Then the row is handed to the store with its
+//! delivery state, and the sender's receipt waits for the commit.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use imgate_shared::protocol::{encode_push, Body, ErrorCode, MAX_ID_LEN};
+use imgate_shared::{KickReason, MessageId, SendStatus};
+
+use crate::auth::unix_millis;
+use crate::cluster::Cluster;
+use crate::config::Settings;
+use crate::ids::IdGenerator;
+use crate::metrics::HotMetrics;
+use crate::registry::Registry;
+use crate::store::{DeliveryState, NewMessage, Store, StoreError, WritePermit};
+
+/// A message accepted by this node.
+#[derive(Debug)]
+pub struct Message {
+    pub id: MessageId,
+    /// The sending user; `None` for system messages.
+    pub from: Option<Arc<str>>,
+    pub to: String,
+    pub channel: Option<String>,
+    pub body: Body,
+    /// The sender's id for the message (idempotency key with sender and recipient).
+    pub client_msg_id: Option<String>,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub accepted: Instant,
+}
+
+/// What became of a message for one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// The id the message is stored under (an earlier one for a repeated client message id);
+    /// `None` when refused.
+    pub id: Option<MessageId>,
+    pub status: SendStatus,
+    /// Live connections, on any node, the PUSH was queued on.
+    pub connections: u32,
+    pub reason: Option<ErrorCode>,
+}
+
+impl Delivery {
+    pub fn refused(reason: ErrorCode) -> Self {
+        Delivery {
+            id: None,
+            status: SendStatus::Refused,
+            connections: 0,
+            reason: Some(reason),
+        }
+    }
+}
+
+/// A message between [`Router::begin`] and [`Router::finish`]: it has its place in the store's
+/// queue and has been queued on local connections.
+pub struct Submission {
+    row: NewMessage,
+    permit: WritePermit,
+    payload: bytes::Bytes,
+    local: u32,
+}
+
+pub struct Router {
+    registry: Arc<Registry>,
+    ids: IdGenerator,
+    channels: Vec<String>,
+    metrics: HotMetrics,
+    store: Store,
+    cluster: Cluster,
+}
+
+/// Checks a user id, device id or client message id: 1 to [`MAX_ID_LEN`] bytes.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_LEN
+}
+
+/// The `to` of a broadcast push; never a user id.
+pub const BROADCAST_TO: &str = "*";
+
+/// Checks a user id: a valid id other than [`BROADCAST_TO`].
+pub fn valid_user_id(s: &str) -> bool {
+    valid_id(s) && s != BROADCAST_TO
+}
+
+/// The protocol error a store refusal is reported with.
+fn store_error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::Invalid(_) => ErrorCode::InvalidField,
+        StoreError::Closed => ErrorCode::ShuttingDown,
+        _ => ErrorCode::Unavailable,
+    }
+}
+
+impl Router {
+    pub fn new(
+        settings: &Settings,
+        registry: Arc<Registry>,
+        tag: u16,
+        metrics: HotMetrics,
+        store: Store,
+        cluster: Cluster,
+    ) -> Self {
+        Router {
+            registry,
+            ids: IdGenerator::new(tag),
+            channels: settings.channels.types.clone(),
+            metrics,
+            store,
+            cluster,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn is_channel(&self, channel: &str) -> bool {
+        self.channels.iter().any(|c| c == channel)
+    }
+
+    /// Checks the addressing of a message before it is given an id.
+    pub fn check(&self, to: &str, channel: Option<&str>) -> Result<(), ErrorCode> {
+        if !valid_user_id(to) {
+            return Err(ErrorCode::InvalidField);
+        }
+        if channel.is_some_and(|c| !self.is_channel(c)) {
+            return Err(ErrorCode::UnknownChannel);
+        }
+        Ok(())
+    }
+
+    /// A new message id, time-ordered and unique in the cluster.
+    pub fn next_id(&self) -> MessageId {
+        self.ids.next()
+    }
+
+    /// Gives a message its id and acceptance time.
+    pub fn accept(
+        &self,
+        from: Option<Arc<str>>,
+        to: String,
+        channel: Option<String>,
+        body: Body,
+        client_msg_id: Option<String>,
+    ) -> Message {
+        Message {
+            id: self.next_id(),
+            from,
+            to,
+            channel,
+            body,
+            client_msg_id,
+            ts_ms: unix_millis(),
+            accepted: Instant::now(),
+        }
+    }
+
+    /// Delivers an accepted message to its recipient wherever it is connected, stores it, and
+    /// reports what became of it once the store has committed it.
+    pub async fn submit(&self, msg: Message) -> Delivery {
+        match self.begin(msg).await {
+            Ok(submission) => self.finish(submission).await,
+            Err(refused) => refused,
+        }
+    }
+
+    /// The first half of [`submit`](Self::submit), which a connection runs in the order its
+    /// sends arrive: checks the row against the store, takes a place in the store's queue
+    /// (waiting up to `store.enqueue_timeout_ms`; a refusal here reaches nobody), and queues
+    /// the PUSH on the recipient's local connections.
+    pub async fn begin(&self, msg: Message) -> Result<Submission, Delivery> {
+        let row = NewMessage {
+            id: msg.id,
+            sender: msg.from.as_deref().map(str::to_owned),
+            recipient: msg.to.clone(),
+            channel: msg.channel.clone(),
+            body: msg.body.get().to_owned(),
+            client_msg_id: msg.client_msg_id.clone(),
+            created_at_ms: msg.ts_ms,
+            state: DeliveryState::Pending,
+        };
+        if let Err(e) = self.store.check(&row) {
+            return Err(self.refused(store_error_code(&e)));
+        }
+        let permit = match self.store.reserve().await {
+            Ok(permit) => permit,
+            Err(e) => return Err(self.refused(store_error_code(&e))),
+        };
+        let payload = encode_push(
+            msg.id,
+            msg.from.as_deref(),
+            &msg.to,
+            msg.channel.as_deref(),
+            msg.body.as_raw(),
+            msg.ts_ms,
+        );
+        let local = self
+            .registry
+            .deliver(&msg.to, msg.channel.as_deref(), &payload, msg.accepted);
+        Ok(Submission {
+            row,
+            permit,
+            payload,
+            local,
+        })
+    }
+
+    /// The second half of [`submit`](Self::submit): delivery on other nodes, then the row goes
+    /// to the store with its delivery state, and the result waits for the commit.
+    pub async fn finish(&self, s: Submission) -> Delivery {
+        let Submission {
+            mut row,
+            permit,
+            payload,
+            local,
+        } = s;
+        let mut connections = local;
+        if self.cluster.is_clustered() {
+            let remote = self
+                .cluster
+                .deliver_remote(&row.recipient, row.channel.as_deref(), payload)
+                .await;
+            connections += remote.connections;
+        }
+        if connections > 0 {
+            row.state = DeliveryState::Delivered;
+        }
+        let id = row.id;
+        match permit.write(row).await {
+            Ok(persisted) => {
+                let status = if connections > 0 {
+                    self.metrics.delivered.increment(1);
+                    SendStatus::Delivered
+                } else {
+                    self.metrics.stored.increment(1);
+                    SendStatus::Stored
+                };
+                Delivery {
+                    id: Some(persisted.stored_id(id)),
+                    status,
+                    connections,
+                    reason: None,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %id, "message not stored");
+                self.refused(store_error_code(&e))
+            }
+        }
+    }
+
+    /// Counts a refused message.
+    pub fn refused(&self, reason: ErrorCode) -> Delivery {
+        self.metrics.refused.increment(1);
+        Delivery::refused(reason)
+    }
+
+    /// Queues one PUSH (addressed to `*`) on every live connection of `channel` (all when `None`)
+    /// in the cluster; returns the message id and how many connections it reached.
+    pub async fn broadcast(
+        &self,
+        from: Option<&str>,
+        channel: Option<&str>,
+        body: &Body,
+    ) -> (MessageId, usize) {
+        let id = self.next_id();
+        let payload = encode_push(
+            id,
+            from,
+            BROADCAST_TO,
+            channel,
+            body.as_raw(),
+            unix_millis(),
+        );
+        let mut reached = self.registry.broadcast(channel, &payload);
+        if self.cluster.is_clustered() {
+            reached += self
+                .cluster
+                .broadcast_remote(channel, payload)
+                .await
+                .connections as usize;
+        }
+        self.metrics.broadcast_deliveries.increment(reached as u64);
+        (id, reached)
+    }
+
+    /// Kicks every connection of `user` (of `channel` when given) in the cluster; returns how many.
+    pub async fn kick(&self, user: &str, channel: Option<&str>, reason: KickReason) -> usize {
+        let mut kicked = self.registry.kick_user(user, channel, reason);
+        if self.cluster.is_clustered() {
+            kicked += self
+                .cluster
+                .kick_remote(user, channel, reason)
+                .await
+                .connections as usize;
+        }
+        kicked
+    }
+}

@@ -1,0 +1,1155 @@
+//! The writer: one task per store, on a thread of its own. It takes rows from the bounded queue
+//! in batches (by size or age), writes each batch with multi-row INSERTs (group commit: one
+//! transaction, or on MySQL two concurrent ones for large batches), finds out which rows were
+//! duplicates, applies queued state changes, and only after the COMMIT tells each row's sender
+//! how it went. While the database fails it retries the same batch with exponential backoff,
+//! forever, unless the store is closing and its deadline has passed. New rows keep queueing
+//! meanwhile, so a long outage fills the queue and `Store::reserve` starts refusing: nothing is
+//! ever dropped without its sender being told.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use imgate_shared::MessageId;
+use sqlx::any::AnyConnectOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool, Connection, Row as _};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, error, info, warn};
+
+use super::setup::{self, Limits};
+use super::sql::{self, Dialect, INSERT_PARAMS_PER_ROW};
+use super::{metric, DeliveryState, NewMessage, Persisted, StoreError};
+
+/// Longest one write attempt may take before it is abandoned (and retried on a new connection).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Batches slower than this are logged.
+const SLOW_BATCH: Duration = Duration::from_secs(1);
+/// Most state changes waiting for the writer; more are dropped (and counted).
+pub(crate) const MAX_QUEUED_MARKS: usize = 100_000;
+/// How long applied state changes are remembered, for rows that reach the writer after their
+/// acknowledgement did (see [`RecentMarks`]).
+const RECENT_MARKS_WINDOW: Duration = Duration::from_secs(30);
+const RECENT_MARKS_MAX: usize = 100_000;
+/// Most bind parameters of one state-change UPDATE.
+const MAX_MARK_PARAMS: usize = 4_096;
+/// Idempotency keys looked up per query (OR-ed terms; SQLite's expression depth limit is 1,000).
+const MAX_KEYS_PER_LOOKUP: usize = 200;
+/// How often the queue-depth gauge is refreshed while the writer waits to retry.
+const GAUGE_REFRESH: Duration = Duration::from_millis(500);
+/// How long the stopping writer waits for its connection to close.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Batches of at least this many rows are split into concurrent transactions (see
+/// [`WriterConfig::lanes`]); smaller ones are not worth a second commit.
+const PARALLEL_MIN_ROWS: usize = 200;
+
+/// A validated row on its way to the database.
+pub(crate) struct Row {
+    pub id: i64,
+    pub created_at_ms: i64,
+    pub msg: NewMessage,
+    pub done: oneshot::Sender<Result<Persisted, StoreError>>,
+}
+
+/// A queued state change of one message of one recipient.
+pub(crate) struct Mark {
+    pub id: i64,
+    pub recipient: Arc<str>,
+    pub state: DeliveryState,
+}
+
+/// What the store and its writer share.
+pub(crate) struct Shared {
+    marks: Mutex<Vec<Mark>>,
+    wake: Notify,
+    /// Set when the store starts closing; `reserve` refuses from then on.
+    pub closing: AtomicBool,
+    /// How long the writer may keep trying once the store closes, sent to the writer. (A
+    /// duration rather than a deadline: the writer's clock is its own runtime's.)
+    pub close: watch::Sender<Option<Duration>>,
+    /// `Some(rows not written)` once the writer has stopped.
+    pub stopped: watch::Sender<Option<usize>>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            marks: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+            close: watch::Sender::new(None),
+            stopped: watch::Sender::new(None),
+        }
+    }
+
+    fn lock_marks(&self) -> MutexGuard<'_, Vec<Mark>> {
+        // A panic while holding the lock cannot leave the Vec inconsistent.
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues state changes; returns how many did not fit.
+    pub fn push_marks(&self, recipient: &str, ids: &[i64], state: DeliveryState) -> usize {
+        let recipient: Arc<str> = recipient.into();
+        let mut marks = self.lock_marks();
+        let room = MAX_QUEUED_MARKS.saturating_sub(marks.len());
+        let taken = ids.len().min(room);
+        marks.extend(ids[..taken].iter().map(|&id| Mark {
+            id,
+            recipient: recipient.clone(),
+            state,
+        }));
+        drop(marks);
+        if taken > 0 {
+            self.wake.notify_one();
+        }
+        ids.len() - taken
+    }
+
+    fn take_marks(&self) -> Vec<Mark> {
+        std::mem::take(&mut *self.lock_marks())
+    }
+
+    fn has_marks(&self) -> bool {
+        !self.lock_marks().is_empty()
+    }
+}
+
+/// Marks the writer stopped even if it panics, so that `close` never waits forever.
+struct StoppedGuard(Arc<Shared>);
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        self.0.stopped.send_if_modified(|stopped| {
+            let first = stopped.is_none();
+            if first {
+                *stopped = Some(0);
+            }
+            first
+        });
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct WriterConfig {
+    /// Concurrent transactions (on as many connections) a large batch is split into. One server
+    /// connection inserts on one server thread, which caps a single connection at roughly 60k
+    /// rows/s on a small machine; two let the server use two cores. 1 on SQLite (one writer).
+    pub lanes: usize,
+    pub batch_max_rows: usize,
+    pub batch_max_delay: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub limits: Limits,
+}
+
+/// Where the writer's connection comes from.
+pub(crate) enum WritePool {
+    /// A pool of its own, opened on the writer's runtime.
+    Own(AnyConnectOptions),
+    /// A pool shared with the readers (SQLite in memory: one connection is the database).
+    Shared(AnyPool),
+}
+
+pub(crate) struct Writer {
+    rx: mpsc::Receiver<Row>,
+    shared: Arc<Shared>,
+    pool: WritePool,
+    dialect: Dialect,
+    cfg: WriterConfig,
+    close_rx: watch::Receiver<Option<Duration>>,
+    closing: bool,
+    deadline: Option<Instant>,
+    recent: RecentMarks,
+    /// Set while writes fail: when the streak began and how many attempts failed.
+    failing: Option<(Instant, u32)>,
+    unwritten: usize,
+}
+
+impl Writer {
+    pub fn new(
+        rx: mpsc::Receiver<Row>,
+        shared: Arc<Shared>,
+        pool: WritePool,
+        dialect: Dialect,
+        cfg: WriterConfig,
+    ) -> Writer {
+        let close_rx = shared.close.subscribe();
+        Writer {
+            rx,
+            shared,
+            pool,
+            dialect,
+            cfg,
+            close_rx,
+            closing: false,
+            deadline: None,
+            recent: RecentMarks::default(),
+            failing: None,
+            unwritten: 0,
+        }
+    }
+
+    /// Runs the writer on a thread of its own, with a single-threaded runtime of its own: its
+    /// database I/O never waits behind the gateway's tasks, and its CPU work (encoding
+    /// thousands of parameters per batch) never holds up one of their worker threads.
+    pub fn spawn(self, runtime: tokio::runtime::Runtime) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("imgate-store-writer".into())
+            .spawn(move || runtime.block_on(self.run()))
+            .map(|_| ())
+    }
+
+    async fn run(mut self) {
+        let _stopped = StoppedGuard(self.shared.clone());
+        let (pool, own) = match &self.pool {
+            WritePool::Own(options) => (setup::writer_pool(self.dialect, options.clone()), true),
+            WritePool::Shared(pool) => (pool.clone(), false),
+        };
+        // Connections are kept from batch to batch, unless shared with the readers.
+        let mut conns: Vec<PoolConnection<Any>> = Vec::new();
+        let mut rows = Vec::with_capacity(self.cfg.batch_max_rows.min(8_192));
+        loop {
+            let open = self.collect(&mut rows).await;
+            let marks = self.shared.take_marks();
+            if !rows.is_empty() || !marks.is_empty() {
+                conns = self.flush(&pool, conns, &mut rows, marks).await;
+                if !own {
+                    conns.clear();
+                }
+            }
+            if !open {
+                break;
+            }
+        }
+        // State changes queued during the last batch.
+        let marks = self.shared.take_marks();
+        if !marks.is_empty() {
+            conns = self.flush(&pool, conns, &mut rows, marks).await;
+        }
+        drop(conns);
+        if own
+            && tokio::time::timeout(POOL_CLOSE_TIMEOUT, pool.close())
+                .await
+                .is_err()
+        {
+            debug!("the writer's database connection did not close in time");
+        }
+        // Rows that were still being handed over when the writer gave up waiting for them:
+        // their senders learn it from their dropped reply channels (StoreError::Closed).
+        self.rx.close();
+        metrics::gauge!(metric::QUEUE_DEPTH).set(0.0);
+        debug!(unwritten = self.unwritten, "store writer stopped");
+        self.shared.stopped.send_replace(Some(self.unwritten));
+    }
+
+    fn start_closing(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            self.deadline = self
+                .close_rx
+                .borrow_and_update()
+                .map(|t| Instant::now() + t);
+            // No new rows from now on; rows of permits already handed out still arrive.
+            self.rx.close();
+        }
+    }
+
+    fn deadline_or_far(&self) -> Instant {
+        self.deadline
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365))
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.closing && self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn set_depth_gauge(&self) {
+        let depth = self.rx.max_capacity() - self.rx.capacity();
+        metrics::gauge!(metric::QUEUE_DEPTH).set(depth as f64);
+    }
+
+    /// Waits for work and gathers a batch: up to `batch_max_rows` rows, waiting at most
+    /// `batch_max_delay` after the first one (or after state changes arrived). Returns false
+    /// once no more rows can come.
+    async fn collect(&mut self, rows: &mut Vec<Row>) -> bool {
+        let max = self.cfg.batch_max_rows;
+        loop {
+            // Closing: done once nothing is queued and no permit is out (state changes still
+            // queued are written once more by `run`), or once the deadline has passed: then
+            // every row still queued fails, loudly.
+            if self.closing && self.past_deadline() {
+                let mut left = Vec::new();
+                while let Ok(row) = self.rx.try_recv() {
+                    left.push(row);
+                }
+                if !left.is_empty() {
+                    self.give_up(&mut left, &AttemptError::Deadline);
+                }
+                return false;
+            }
+            if self.closing && self.rx.capacity() == self.rx.max_capacity() {
+                return false;
+            }
+            if self.shared.has_marks() {
+                break;
+            }
+            let deadline = self.deadline_or_far();
+            tokio::select! {
+                biased;
+                _ = self.close_rx.changed(), if !self.closing => self.start_closing(),
+                n = self.rx.recv_many(rows, max) => {
+                    if n == 0 {
+                        return false;
+                    }
+                    break;
+                }
+                _ = self.shared.wake.notified() => {}
+                // Closing, and a permit holder still has not written its row: stop waiting.
+                _ = sleep_until(deadline), if self.closing => return false,
+            }
+        }
+        if self.closing {
+            // Flush promptly: take what is queued, do not wait for more.
+            while rows.len() < max {
+                match self.rx.try_recv() {
+                    Ok(row) => rows.push(row),
+                    Err(_) => break,
+                }
+            }
+            return true;
+        }
+        let until = Instant::now() + self.cfg.batch_max_delay;
+        while rows.len() < max {
+            tokio::select! {
+                biased;
+                _ = self.close_rx.changed(), if !self.closing => {
+                    self.start_closing();
+                    break;
+                }
+                n = self.rx.recv_many(rows, max - rows.len()) => {
+                    if n == 0 {
+                        return false;
+                    }
+                }
+                _ = sleep_until(until) => break,
+            }
+        }
+        true
+    }
+
+    /// Writes one batch, retrying until it is committed or the close deadline has passed, and
+    /// tells every row's sender. Takes the connections kept from the previous batch and returns
+    /// the ones to keep.
+    async fn flush(
+        &mut self,
+        pool: &AnyPool,
+        mut conns: Vec<PoolConnection<Any>>,
+        rows: &mut Vec<Row>,
+        marks: Vec<Mark>,
+    ) -> Vec<PoolConnection<Any>> {
+        self.recent.record(&marks, Instant::now());
+        let plan = Plan::new(rows, marks, &self.recent, self.dialect, &self.cfg);
+        let mut backoff = self.cfg.retry_initial.max(Duration::from_millis(1));
+        let mut quick_retry = true;
+        loop {
+            self.set_depth_gauge();
+            let started = Instant::now();
+            let result = {
+                let attempt = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    write_batch(pool, std::mem::take(&mut conns), self.dialect, rows, &plan),
+                );
+                tokio::pin!(attempt);
+                loop {
+                    let deadline = self.deadline_or_far();
+                    tokio::select! {
+                        biased;
+                        result = &mut attempt => {
+                            break result.unwrap_or(Err(AttemptError::TimedOut));
+                        }
+                        _ = self.close_rx.changed(), if !self.closing => self.start_closing(),
+                        _ = sleep_until(deadline), if self.closing => break Err(AttemptError::Deadline),
+                    }
+                }
+            };
+            let error = match result {
+                Ok((written, kept)) => {
+                    self.finish(rows, written, started.elapsed());
+                    return kept;
+                }
+                Err(error) => error,
+            };
+            if !matches!(error, AttemptError::Deadline) {
+                metrics::counter!(metric::WRITE_ERRORS).increment(1);
+            }
+            if self.past_deadline() {
+                self.give_up(rows, &error);
+                return Vec::new();
+            }
+            if quick_retry && self.failing.is_none() && error.is_connection() {
+                // Most likely a connection the server closed while it was idle: try again at
+                // once on a new one before calling it an outage.
+                quick_retry = false;
+                debug!(error = %error, "database write failed on a stale connection; retrying at once");
+                continue;
+            }
+            quick_retry = false;
+            match &mut self.failing {
+                None => {
+                    warn!(
+                        error = %error,
+                        rows = rows.len(),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "database write failed; retrying the batch until it succeeds"
+                    );
+                    self.failing = Some((started, 1));
+                }
+                Some((_, attempts)) => {
+                    *attempts += 1;
+                    debug!(error = %error, attempts = *attempts, "database write failed again");
+                }
+            }
+            let wake_at = Instant::now() + backoff;
+            loop {
+                let until = wake_at.min(self.deadline_or_far());
+                tokio::select! {
+                    biased;
+                    _ = self.close_rx.changed(), if !self.closing => self.start_closing(),
+                    _ = sleep_until(until) => break,
+                    _ = tokio::time::sleep(GAUGE_REFRESH) => self.set_depth_gauge(),
+                }
+            }
+            backoff = (backoff * 2).min(self.cfg.retry_max.max(backoff));
+        }
+    }
+
+    /// After a COMMIT: metrics, recovery log, and every sender learns its outcome.
+    fn finish(&mut self, rows: &mut Vec<Row>, written: Written, elapsed: Duration) {
+        metrics::histogram!(metric::FLUSH_SECONDS).record(elapsed.as_secs_f64());
+        if !rows.is_empty() {
+            metrics::histogram!(metric::BATCH_ROWS).record(rows.len() as f64);
+        }
+        metrics::counter!(metric::ROWS_WRITTEN).increment(written.inserted);
+        metrics::counter!(metric::STATE_UPDATES).increment(written.state_updates);
+        if elapsed >= SLOW_BATCH {
+            warn!(
+                rows = rows.len(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "slow database write"
+            );
+        }
+        if let Some((since, attempts)) = self.failing.take() {
+            info!(
+                failed_attempts = attempts,
+                outage_ms = since.elapsed().as_millis() as u64,
+                "database writes recovered"
+            );
+        }
+        let mut duplicates = 0;
+        let mut missing = 0;
+        for (row, outcome) in rows.drain(..).zip(written.outcomes) {
+            let result = match outcome {
+                Outcome::Stored => Ok(Persisted::Stored),
+                Outcome::Duplicate(existing) => {
+                    duplicates += 1;
+                    Ok(Persisted::Duplicate { existing })
+                }
+                Outcome::Missing => {
+                    missing += 1;
+                    Err(StoreError::NotStored)
+                }
+            };
+            let _ = row.done.send(result);
+        }
+        metrics::counter!(metric::DUPLICATES).increment(duplicates);
+        if missing > 0 {
+            error!(
+                rows = missing,
+                "the database ignored rows that are neither stored nor duplicates"
+            );
+            metrics::counter!(metric::ROWS_FAILED, "reason" => "not_stored").increment(missing);
+        }
+    }
+
+    /// The close deadline passed with the database still failing: every row of the batch gets
+    /// an error, loudly.
+    fn give_up(&mut self, rows: &mut Vec<Row>, error: &AttemptError) {
+        let n = rows.len();
+        if n > 0 {
+            error!(
+                rows = n,
+                error = %error,
+                "store closing: the database stayed unavailable until the close deadline; these messages were NOT written"
+            );
+            metrics::counter!(metric::ROWS_FAILED, "reason" => "unwritten").increment(n as u64);
+        } else {
+            warn!(error = %error, "store closing: state changes not written");
+        }
+        self.unwritten += n;
+        for row in rows.drain(..) {
+            let _ = row.done.send(Err(StoreError::Unwritten));
+        }
+    }
+}
+
+#[derive(Debug)]
+enum AttemptError {
+    Database(sqlx::Error),
+    TimedOut,
+    Deadline,
+}
+
+impl AttemptError {
+    /// Errors of the connection rather than of the statement.
+    fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_)
+            )
+        )
+    }
+}
+
+impl fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptError::Database(e) => e.fmt(f),
+            AttemptError::TimedOut => {
+                write!(f, "write attempt timed out after {ATTEMPT_TIMEOUT:?}")
+            }
+            AttemptError::Deadline => f.write_str("close deadline reached"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for AttemptError {
+    fn from(e: sqlx::Error) -> Self {
+        AttemptError::Database(e)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Stored,
+    Duplicate(MessageId),
+    /// Neither inserted nor a duplicate; cannot happen with the schema as designed.
+    Missing,
+}
+
+/// The result of a committed batch.
+struct Written {
+    outcomes: Vec<Outcome>,
+    inserted: u64,
+    state_updates: u64,
+}
+
+/// A batch ready to be written, the same on every attempt.
+struct Plan {
+    /// Each row's final state: its own, raised by state changes that arrived before it.
+    states: Vec<i16>,
+    /// For each concurrent transaction, the rows of each of its INSERT statements.
+    lanes: Vec<Vec<Range<usize>>>,
+    /// State changes, applied by the first transaction. Those of rows in this batch are already
+    /// in `states`, so it does not matter which transaction commits first.
+    marks: Vec<MarkStatement>,
+}
+
+struct MarkStatement {
+    state: i16,
+    /// Recipients and their message ids.
+    groups: Vec<(Arc<str>, Vec<i64>)>,
+}
+
+impl Plan {
+    fn new(
+        rows: &[Row],
+        marks: Vec<Mark>,
+        recent: &RecentMarks,
+        dialect: Dialect,
+        cfg: &WriterConfig,
+    ) -> Plan {
+        let states = rows
+            .iter()
+            .map(|row| {
+                let own = row.msg.state;
+                let marked = recent.get(row.id, &row.msg.recipient);
+                marked.map_or(own, |m| m.max(own)).to_db()
+            })
+            .collect();
+        let lanes = if rows.len() >= PARALLEL_MIN_ROWS {
+            cfg.lanes.max(1)
+        } else {
+            1
+        };
+        let rows_per_lane = rows.len().div_ceil(lanes).max(1);
+        let rows_per_statement = (dialect.max_bind_params() / INSERT_PARAMS_PER_ROW)
+            .min(cfg.batch_max_rows)
+            .min(rows_per_lane)
+            .max(1);
+        let mut plan_lanes = Vec::with_capacity(lanes);
+        for lane_start in (0..rows.len()).step_by(rows_per_lane) {
+            let lane_end = (lane_start + rows_per_lane).min(rows.len());
+            let mut chunks = Vec::new();
+            let mut start = lane_start;
+            let mut bytes = 0;
+            for (i, row) in rows.iter().enumerate().take(lane_end).skip(lane_start) {
+                let size = row_bytes(&row.msg);
+                let full = i - start >= rows_per_statement
+                    || (i > start && bytes + size > cfg.limits.max_statement_bytes);
+                if full {
+                    chunks.push(start..i);
+                    start = i;
+                    bytes = 0;
+                }
+                bytes += size;
+            }
+            chunks.push(start..lane_end);
+            plan_lanes.push(chunks);
+        }
+        if plan_lanes.is_empty() {
+            // State changes only.
+            plan_lanes.push(Vec::new());
+        }
+        Plan {
+            states,
+            lanes: plan_lanes,
+            marks: plan_marks(marks, dialect.max_bind_params().min(MAX_MARK_PARAMS)),
+        }
+    }
+}
+
+/// Bytes a row adds to an INSERT, roughly.
+fn row_bytes(msg: &NewMessage) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    64 + msg.body.len()
+        + msg.recipient.len()
+        + opt(&msg.sender)
+        + opt(&msg.channel)
+        + opt(&msg.client_msg_id)
+}
+
+/// Groups state changes into UPDATE statements: the highest state per (message, recipient),
+/// one statement per state, recipients' ids listed together, at most `max_params` each.
+fn plan_marks(marks: Vec<Mark>, max_params: usize) -> Vec<MarkStatement> {
+    let mut highest: HashMap<(i64, Arc<str>), DeliveryState> = HashMap::new();
+    for mark in marks {
+        let state = highest
+            .entry((mark.id, mark.recipient))
+            .or_insert(mark.state);
+        *state = (*state).max(mark.state);
+    }
+    let mut by_state: BTreeMap<i16, BTreeMap<Arc<str>, Vec<i64>>> = BTreeMap::new();
+    for ((id, recipient), state) in highest {
+        by_state
+            .entry(state.to_db())
+            .or_default()
+            .entry(recipient)
+            .or_default()
+            .push(id);
+    }
+    let max_params = max_params.max(4);
+    let mut statements = Vec::new();
+    for (state, recipients) in by_state {
+        let mut statement = MarkStatement {
+            state,
+            groups: Vec::new(),
+        };
+        let mut params = 2;
+        for (recipient, mut ids) in recipients {
+            ids.sort_unstable();
+            let mut rest = &ids[..];
+            while !rest.is_empty() {
+                if params + 2 > max_params {
+                    statements.push(std::mem::replace(
+                        &mut statement,
+                        MarkStatement {
+                            state,
+                            groups: Vec::new(),
+                        },
+                    ));
+                    params = 2;
+                }
+                let take = (max_params - params - 1).min(rest.len());
+                statement
+                    .groups
+                    .push((recipient.clone(), rest[..take].to_vec()));
+                params += 1 + take;
+                rest = &rest[take..];
+            }
+        }
+        if !statement.groups.is_empty() {
+            statements.push(statement);
+        }
+    }
+    statements
+}
+
+/// The connection of one attempt; closed, not returned to the pool, unless the attempt
+/// succeeded and handed it back (a failed or abandoned attempt may leave it mid-statement).
+struct Checkout(Option<PoolConnection<Any>>);
+
+impl Checkout {
+    fn conn(&mut self) -> &mut PoolConnection<Any> {
+        self.0
+            .as_mut()
+            .expect("a checkout holds its connection until kept")
+    }
+
+    /// The attempt succeeded: keep the connection.
+    fn keep(mut self) -> PoolConnection<Any> {
+        self.0
+            .take()
+            .expect("a checkout holds its connection until kept")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.0 {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// One attempt at writing a batch: its transactions run concurrently, each on a connection of
+/// its own (kept from the last batch, or new). Safe to repeat after any failure, even one that
+/// hid a successful COMMIT, or after some transactions committed and others failed: a row whose
+/// id is already there counts as stored.
+async fn write_batch(
+    pool: &AnyPool,
+    mut kept: Vec<PoolConnection<Any>>,
+    dialect: Dialect,
+    rows: &[Row],
+    plan: &Plan,
+) -> Result<(Written, Vec<PoolConnection<Any>>), AttemptError> {
+    let lanes: Vec<_> = plan
+        .lanes
+        .iter()
+        .enumerate()
+        .map(|(i, chunks)| {
+            let conn = kept.pop();
+            let marks: &[MarkStatement] = if i == 0 { &plan.marks } else { &[] };
+            write_lane(pool, conn, dialect, rows, &plan.states, chunks, marks)
+        })
+        .collect();
+    // The connections of a batch that needs fewer transactions than the last one go back to
+    // the pool.
+    drop(kept);
+    let mut written = Written {
+        outcomes: vec![Outcome::Stored; rows.len()],
+        inserted: 0,
+        state_updates: 0,
+    };
+    let mut conns = Vec::with_capacity(plan.lanes.len());
+    let mut failure = None;
+    for result in join_all(lanes).await {
+        match result {
+            Ok((lane, conn)) => {
+                for (i, outcome) in lane.outcomes {
+                    written.outcomes[i] = outcome;
+                }
+                written.inserted += lane.inserted;
+                written.state_updates += lane.state_updates;
+                conns.push(conn);
+            }
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    match failure {
+        None => Ok((written, conns)),
+        Some(e) => Err(e),
+    }
+}
+
+/// What one transaction of a batch did: outcomes of the rows that were not simply stored.
+struct LaneWritten {
+    outcomes: Vec<(usize, Outcome)>,
+    inserted: u64,
+    state_updates: u64,
+}
+
+/// One transaction: INSERTs of some rows and state changes, then duplicate resolution. A
+/// single statement runs on its own (autocommit: one round trip instead of three, and just as
+/// durable); more run in an explicit transaction, so that they cost one commit.
+async fn write_lane(
+    pool: &AnyPool,
+    kept: Option<PoolConnection<Any>>,
+    dialect: Dialect,
+    rows: &[Row],
+    states: &[i16],
+    chunks: &[Range<usize>],
+    marks: &[MarkStatement],
+) -> Result<(LaneWritten, PoolConnection<Any>), AttemptError> {
+    let mut checkout = Checkout(Some(match kept {
+        Some(conn) => conn,
+        None => pool.acquire().await?,
+    }));
+    let conn: &mut sqlx::AnyConnection = checkout.conn();
+    let done = if chunks.len() + marks.len() > 1 {
+        let mut tx = conn.begin().await?;
+        let done = lane_statements(&mut tx, dialect, rows, states, chunks, marks).await?;
+        tx.commit().await?;
+        done
+    } else {
+        lane_statements(conn, dialect, rows, states, chunks, marks).await?
+    };
+    // Committed: the rows of this lane are there, and so are the ones they repeat (a
+    // duplicate's INSERT waits for the transaction holding its key to end).
+    let outcomes = if done.unsure.is_empty() {
+        Vec::new()
+    } else {
+        resolve_duplicates(conn, dialect, rows, &done.unsure).await?
+    };
+    let written = LaneWritten {
+        outcomes,
+        inserted: done.inserted,
+        state_updates: done.state_updates,
+    };
+    Ok((written, checkout.keep()))
+}
+
+struct LaneDone {
+    inserted: u64,
+    /// Rows of statements that inserted fewer rows than they carried: some are duplicates.
+    unsure: Vec<usize>,
+    state_updates: u64,
+}
+
+/// The write statements of one transaction.
+async fn lane_statements(
+    conn: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    rows: &[Row],
+    states: &[i16],
+    chunks: &[Range<usize>],
+    marks: &[MarkStatement],
+) -> Result<LaneDone, sqlx::Error> {
+    let mut done = LaneDone {
+        inserted: 0,
+        unsure: Vec::new(),
+        state_updates: 0,
+    };
+    for chunk in chunks {
+        let statement = sql::insert(dialect, chunk.len());
+        let mut query = sqlx::query(&statement);
+        for i in chunk.clone() {
+            let row = &rows[i];
+            let msg = &row.msg;
+            query = query
+                .bind(row.id)
+                .bind(msg.sender.as_deref().unwrap_or(""))
+                .bind(msg.recipient.as_str())
+                .bind(msg.channel.as_deref())
+                .bind(msg.body.as_str())
+                .bind(msg.client_msg_id.as_deref())
+                .bind(row.created_at_ms)
+                .bind(states[i]);
+        }
+        let affected = query.execute(&mut *conn).await?.rows_affected();
+        done.inserted += affected;
+        if affected < chunk.len() as u64 {
+            done.unsure.extend(chunk.clone());
+        }
+    }
+    for statement in marks {
+        let sizes: Vec<usize> = statement.groups.iter().map(|(_, ids)| ids.len()).collect();
+        let text = sql::raise_state(&sizes);
+        let mut query = sqlx::query(&text)
+            .bind(statement.state)
+            .bind(statement.state);
+        for (recipient, ids) in &statement.groups {
+            query = query.bind(&**recipient);
+            for &id in ids {
+                query = query.bind(id);
+            }
+        }
+        done.state_updates += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(done)
+}
+
+/// Sorts the `unsure` rows (of a committed transaction) into stored (their id is there:
+/// inserted now, or by an earlier attempt whose COMMIT went through unreported) and duplicates of an earlier message with the
+/// same (sender, recipient, client_msg_id).
+async fn resolve_duplicates(
+    conn: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    rows: &[Row],
+    unsure: &[usize],
+) -> Result<Vec<(usize, Outcome)>, sqlx::Error> {
+    let max_params = dialect.max_bind_params().min(MAX_MARK_PARAMS);
+    let mut present = HashSet::new();
+    for chunk in unsure.chunks(max_params) {
+        let text = sql::existing_ids(chunk.len());
+        let mut query = sqlx::query(&text);
+        for &i in chunk {
+            query = query.bind(rows[i].id);
+        }
+        for found in query.fetch_all(&mut *conn).await? {
+            present.insert(found.try_get::<i64, _>(0)?);
+        }
+    }
+    let missing: Vec<usize> = unsure
+        .iter()
+        .copied()
+        .filter(|&i| !present.contains(&rows[i].id))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keyed: Vec<usize> = missing
+        .iter()
+        .copied()
+        .filter(|&i| rows[i].msg.client_msg_id.is_some())
+        .collect();
+    let mut existing: HashMap<(String, String, String), MessageId> = HashMap::new();
+    // Each key is an OR-ed term; SQLite refuses expression trees deeper than 1,000.
+    for chunk in keyed.chunks((max_params / 3).min(MAX_KEYS_PER_LOOKUP)) {
+        let text = sql::by_client_ids(chunk.len());
+        let mut query = sqlx::query(&text);
+        for &i in chunk {
+            let msg = &rows[i].msg;
+            query = query
+                .bind(msg.sender.as_deref().unwrap_or(""))
+                .bind(msg.recipient.as_str())
+                .bind(msg.client_msg_id.as_deref());
+        }
+        for found in query.fetch_all(&mut *conn).await? {
+            let key = (
+                sql::text(&found, 1)?.unwrap_or_default(),
+                sql::text(&found, 2)?.unwrap_or_default(),
+                sql::text(&found, 3)?.unwrap_or_default(),
+            );
+            existing.insert(key, sql::id(&found, 0)?);
+        }
+    }
+    let outcomes = missing
+        .into_iter()
+        .map(|i| {
+            let msg = &rows[i].msg;
+            let key = (
+                msg.sender.clone().unwrap_or_default(),
+                msg.recipient.clone(),
+                msg.client_msg_id.clone().unwrap_or_default(),
+            );
+            let outcome = match existing.get(&key) {
+                Some(&id) if msg.client_msg_id.is_some() => Outcome::Duplicate(id),
+                _ => Outcome::Missing,
+            };
+            (i, outcome)
+        })
+        .collect();
+    Ok(outcomes)
+}
+
+/// State changes applied in the last [`RECENT_MARKS_WINDOW`]. A recipient may acknowledge a
+/// message before its row reaches the writer (the PUSH goes out before the row is handed over);
+/// such a row is then written with the acknowledged state instead of losing the change.
+#[derive(Default)]
+struct RecentMarks {
+    by_id: HashMap<i64, (DeliveryState, Arc<str>, Instant)>,
+    order: VecDeque<(Instant, i64)>,
+}
+
+impl RecentMarks {
+    fn record(&mut self, marks: &[Mark], now: Instant) {
+        while let Some(&(at, id)) = self.order.front() {
+            if now.duration_since(at) < RECENT_MARKS_WINDOW && self.order.len() < RECENT_MARKS_MAX {
+                break;
+            }
+            self.order.pop_front();
+            if self.by_id.get(&id).is_some_and(|entry| entry.2 == at) {
+                self.by_id.remove(&id);
+            }
+        }
+        for mark in marks {
+            let entry = self
+                .by_id
+                .entry(mark.id)
+                .or_insert_with(|| (mark.state, mark.recipient.clone(), now));
+            // The first recipient to mark an id keeps it: another user's mark of the same id
+            // is bogus and must not displace it.
+            if entry.1 == mark.recipient {
+                entry.0 = entry.0.max(mark.state);
+                entry.2 = now;
+                self.order.push_back((now, mark.id));
+            }
+        }
+    }
+
+    fn get(&self, id: i64, recipient: &str) -> Option<DeliveryState> {
+        self.by_id
+            .get(&id)
+            .filter(|entry| &*entry.1 == recipient)
+            .map(|entry| entry.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(id: i64, recipient: &str, state: DeliveryState) -> Mark {
+        Mark {
+            id,
+            recipient: recipient.into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn marks_keep_the_highest_state_and_respect_the_parameter_limit() {
+        use DeliveryState::*;
+        let marks = vec![
+            mark(1, "a", Delivered),
+            mark(1, "a", Acknowledged),
+            mark(2, "a", Delivered),
+            mark(3, "b", Acknowledged),
+        ];
+        let plan = plan_marks(marks, 100);
+        assert_eq!(plan.len(), 2);
+        let delivered = plan.iter().find(|s| s.state == 1).unwrap();
+        assert_eq!(delivered.groups, vec![(Arc::from("a"), vec![2])]);
+        let acked = plan.iter().find(|s| s.state == 2).unwrap();
+        assert_eq!(acked.groups.len(), 2);
+
+        let many: Vec<Mark> = (0..1000).map(|i| mark(i, "u", Delivered)).collect();
+        let plan = plan_marks(many, 100);
+        let mut ids = 0;
+        for statement in &plan {
+            let params: usize = 2 + statement
+                .groups
+                .iter()
+                .map(|g| 1 + g.1.len())
+                .sum::<usize>();
+            assert!(params <= 100, "{params}");
+            ids += statement.groups.iter().map(|g| g.1.len()).sum::<usize>();
+        }
+        assert_eq!(ids, 1000);
+    }
+
+    fn rows(n: usize, body: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row {
+                id: i as i64,
+                created_at_ms: 0,
+                msg: NewMessage {
+                    id: MessageId(i as u64),
+                    sender: None,
+                    recipient: "bob".into(),
+                    channel: None,
+                    body: "x".repeat(body),
+                    client_msg_id: None,
+                    created_at_ms: 0,
+                    state: DeliveryState::Pending,
+                },
+                done: oneshot::channel().0,
+            })
+            .collect()
+    }
+
+    fn config(lanes: usize, batch_max_rows: usize, max_statement_bytes: usize) -> WriterConfig {
+        WriterConfig {
+            lanes,
+            batch_max_rows,
+            batch_max_delay: Duration::ZERO,
+            retry_initial: Duration::ZERO,
+            retry_max: Duration::ZERO,
+            limits: Limits {
+                max_body_len: 1 << 20,
+                max_statement_bytes,
+            },
+        }
+    }
+
+    /// Every row in exactly one statement, in order.
+    fn covered(plan: &Plan) -> Vec<usize> {
+        plan.lanes
+            .iter()
+            .flatten()
+            .flat_map(|r| r.clone())
+            .collect()
+    }
+
+    #[test]
+    fn large_batches_split_into_lanes_and_statements() {
+        let recent = RecentMarks::default();
+        let batch = rows(1_000, 10);
+        let plan = Plan::new(
+            &batch,
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(2, 1_000, 1 << 20),
+        );
+        assert_eq!(plan.lanes, vec![vec![0..500], vec![500..1_000]]);
+
+        // Small batches are not split.
+        let small = rows(PARALLEL_MIN_ROWS - 1, 10);
+        let plan = Plan::new(
+            &small,
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(2, 1_000, 1 << 20),
+        );
+        assert_eq!(plan.lanes, vec![vec![0..PARALLEL_MIN_ROWS - 1]]);
+
+        // SQLite's parameter limit: 32766 / 8 = 4095 rows per statement.
+        let big = rows(9_000, 1);
+        let plan = Plan::new(
+            &big,
+            Vec::new(),
+            &recent,
+            Dialect::Sqlite,
+            &config(1, 10_000, 1 << 30),
+        );
+        assert_eq!(plan.lanes, vec![vec![0..4_095, 4_095..8_190, 8_190..9_000]]);
+
+        // The byte budget: bodies of 1000 bytes (+ 67 of the rest) in 4000-byte statements.
+        let wide = rows(10, 1_000);
+        let plan = Plan::new(
+            &wide,
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(2, 1_000, 4_000),
+        );
+        assert!(
+            plan.lanes[0].iter().all(|r| r.len() <= 3),
+            "{:?}",
+            plan.lanes
+        );
+        assert_eq!(covered(&plan), (0..10).collect::<Vec<_>>());
+
+        // State changes only.
+        let plan = Plan::new(
+            &[],
+            vec![mark(1, "a", DeliveryState::Delivered)],
+            &recent,
+            Dialect::MySql,
+            &config(2, 1_000, 1 << 20),
+        );
+        assert_eq!(plan.lanes, vec![Vec::<Range<usize>>::new()]);
+        assert_eq!(plan.marks.len(), 1);
+    }
+
+    #[test]
+    fn recent_marks_expire_and_belong_to_their_recipient() {
+        let mut recent = RecentMarks::default();
+        let t0 = Instant::now();
+        recent.record(&[mark(7, "bob", DeliveryState::Acknowledged)], t0);
+        recent.record(&[mark(7, "eve", DeliveryState::Delivered)], t0);
+        assert_eq!(recent.get(7, "bob"), Some(DeliveryState::Acknowledged));
+        assert_eq!(recent.get(7, "eve"), None);
+        recent.record(&[], t0 + RECENT_MARKS_WINDOW + Duration::from_secs(1));
+        assert_eq!(recent.get(7, "bob"), None);
+    }
+}

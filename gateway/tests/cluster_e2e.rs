@@ -1,0 +1,472 @@
+//! Three gateway nodes on the real Redis (a key prefix of their own) and MariaDB (a fresh
+//! database): users on different nodes talk as if on one node, in both routing modes; duplicate
+//! logins are resolved cluster-wide; presence, the node list and alloc cover every node and heal
+//! when a node crashes; broadcasts reach every node once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster_settings, random_prefix, IsolatedNode, MysqlDb};
+use imgate::config::RoutingMode;
+use imgate_shared::{ClientFrame, KickReason, SendStatus, ServerFrame};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+async fn start_cluster(n: usize, routing: RoutingMode, db: &MysqlDb) -> Vec<IsolatedNode> {
+    let prefix = random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let (prefix, url) = (prefix.clone(), db.url.clone());
+        nodes.push(
+            IsolatedNode::start_with(move |s| cluster_settings(s, i, &prefix, &url, routing)).await,
+        );
+    }
+    nodes
+}
+
+async fn stop_all(nodes: Vec<IsolatedNode>) {
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+fn status(frame: &ServerFrame) -> (SendStatus, u32) {
+    match frame {
+        ServerFrame::SendResult {
+            status,
+            connections,
+            ..
+        } => (*status, *connections),
+        other => panic!("expected send_result, got {other:?}"),
+    }
+}
+
+/// Polls `check` (bounded) until it holds.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1_500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_nodes_talk_in_both_routing_modes() {
+    for routing in [RoutingMode::Broadcast, RoutingMode::Routed] {
+        let db = MysqlDb::create().await;
+        let nodes = start_cluster(3, routing, &db).await;
+        let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
+        let mut bob = nodes[2].login(&nodes[2].ws(), "bob", "web").await;
+        assert_eq!(
+            status(&alice.send_text("bob", "over tcp").await),
+            (SendStatus::Delivered, 1),
+            "{routing:?}"
+        );
+        let (from, to, body) = bob.recv_push().await;
+        assert_eq!(
+            (from.as_deref(), to.as_str(), body),
+            (Some("alice"), "bob", json!({"text": "over tcp"}))
+        );
+        assert_eq!(
+            status(&bob.send_text("alice", "over ws").await),
+            (SendStatus::Delivered, 1)
+        );
+        assert_eq!(alice.recv_push().await.2, json!({"text": "over ws"}));
+        // Nobody anywhere: stored, on whichever node.
+        assert_eq!(
+            status(&alice.send_text("nobody", "hello?").await),
+            (SendStatus::Stored, 0)
+        );
+        // Two channel types of one user on two nodes: both receive.
+        let mut bob_app = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
+        assert_eq!(
+            status(&alice.send_text("bob", "both").await),
+            (SendStatus::Delivered, 2)
+        );
+        assert_eq!(bob.recv_push().await.2, json!({"text": "both"}));
+        assert_eq!(bob_app.recv_push().await.2, json!({"text": "both"}));
+        // The admin API of a third node reaches users elsewhere.
+        let (code, reply) = nodes[1]
+            .admin_json(
+                Method::POST,
+                "/api/v1/messages",
+                Some(json!({"to": "alice", "body": "from node 2"})),
+            )
+            .await;
+        assert_eq!(
+            (code, reply["results"][0]["status"].as_str()),
+            (200, Some("delivered"))
+        );
+        assert_eq!(alice.recv_push().await.2, json!("from node 2"));
+        assert_eq!(db.count().await, 5, "every message stored once");
+        stop_all(nodes).await;
+        db.drop_database().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_on_another_node_kicks_the_older_connection_and_never_the_newer() {
+    let db = MysqlDb::create().await;
+    let nodes = start_cluster(2, RoutingMode::Routed, &db).await;
+    let mut old = nodes[0].login(&nodes[0].tcp(), "bob", "app").await;
+    let mut new = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
+    let frames = old.until_closed().await;
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [ServerFrame::Kick {
+                reason: KickReason::DuplicateLogin,
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+    new.send(ClientFrame::Heartbeat {}).await;
+    assert!(
+        matches!(new.recv().await, Some(ServerFrame::HeartbeatAck { .. })),
+        "the newer one stays"
+    );
+
+    // Racing logins: whichever Redis orders last wins; exactly one survives each round.
+    for round in 0..10 {
+        let user = format!("racer-{round}");
+        let (at_a, at_b) = (nodes[0].tcp(), nodes[1].ws());
+        let (a, b) = tokio::join!(
+            nodes[0].login(&at_a, &user, "app"),
+            nodes[1].login(&at_b, &user, "app")
+        );
+        let mut clients = [a, b];
+        // The loser is kicked; the winner keeps answering.
+        let mut survivors = 0;
+        for c in clients.iter_mut() {
+            c.send(ClientFrame::Heartbeat {}).await;
+            match c.recv().await {
+                Some(ServerFrame::HeartbeatAck { .. }) => survivors += 1,
+                Some(ServerFrame::Kick {
+                    reason: KickReason::DuplicateLogin,
+                    ..
+                })
+                | None => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // A kick may land after the heartbeat was answered: presence is the arbiter.
+        let (_, p) = nodes[0]
+            .admin_json(Method::GET, &format!("/api/v1/users/{user}/presence"), None)
+            .await;
+        let n = p["connections"].as_array().unwrap().len();
+        eventually("one connection left in presence", || async {
+            let (_, p) = nodes[1]
+                .admin_json(Method::GET, &format!("/api/v1/users/{user}/presence"), None)
+                .await;
+            p["connections"].as_array().unwrap().len() == 1
+        })
+        .await;
+        assert!(survivors >= 1 && n >= 1, "round {round}: nobody survived");
+    }
+    stop_all(nodes).await;
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_nodes_and_alloc_cover_the_cluster_and_heal_after_a_crash() {
+    let db = MysqlDb::create().await;
+    let mut nodes = start_cluster(3, RoutingMode::Routed, &db).await;
+    let _a = nodes[0].login(&nodes[0].tcp(), "carol", "app").await;
+    let _b = nodes[1].login(&nodes[1].ws(), "carol", "web").await;
+    let mut c = nodes[2].login(&nodes[2].tcp(), "carol", "pc").await;
+
+    let (code, p) = nodes[0]
+        .admin_json(Method::GET, "/api/v1/users/carol/presence", None)
+        .await;
+    assert_eq!(code, 200);
+    let mut where_: Vec<(String, String)> = p["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["node_id"].as_str().unwrap().into(),
+                e["channel"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    where_.sort();
+    assert_eq!(
+        where_,
+        vec![
+            ("node-1".into(), "app".into()),
+            ("node-2".into(), "web".into()),
+            ("node-3".into(), "pc".into())
+        ]
+    );
+
+    let (code, n) = nodes[1]
+        .admin_json(Method::GET, "/api/v1/nodes", None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(n["nodes"].as_array().unwrap().len(), 3);
+    // alloc is public and lists client addresses, least loaded first.
+    let alloc: Value = nodes[0]
+        .http
+        .get(nodes[0].url("/api/v1/alloc"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = alloc["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["client_addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 3);
+    assert!(
+        listed.contains(&nodes[2].client_addr.to_string().as_str()),
+        "{alloc}"
+    );
+    assert!(alloc["heartbeat"]["default_ms"].is_u64() && alloc["reconnect"]["max_ms"].is_u64());
+
+    // Node 3 crashes: no KICK, no goodbye. Its client sees the socket close...
+    let crashed = nodes.pop().unwrap();
+    crashed.crash();
+    assert!(c.until_closed().await.is_empty());
+    // ...and within the TTL it is gone from the node list, alloc and presence.
+    eventually("node-3 gone from /nodes", || async {
+        let (_, n) = nodes[0]
+            .admin_json(Method::GET, "/api/v1/nodes", None)
+            .await;
+        n["nodes"].as_array().map(|a| a.len()) == Some(2)
+    })
+    .await;
+    let alloc: Value = nodes[1]
+        .http
+        .get(nodes[1].url("/api/v1/alloc"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(alloc["nodes"].as_array().unwrap().len(), 2);
+    let (_, p) = nodes[1]
+        .admin_json(Method::GET, "/api/v1/users/carol/presence", None)
+        .await;
+    assert_eq!(p["connections"].as_array().unwrap().len(), 2, "{p}");
+    stop_all(nodes).await;
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_and_kick_through_one_node_reach_all() {
+    let db = MysqlDb::create().await;
+    let nodes = start_cluster(3, RoutingMode::Routed, &db).await;
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        clients.push(node.login(&node.tcp(), &format!("user-{i}"), "app").await);
+    }
+    let (code, reply) = nodes[1]
+        .admin_json(
+            Method::POST,
+            "/api/v1/broadcast",
+            Some(json!({"body": {"notice": "hi all"}})),
+        )
+        .await;
+    assert_eq!((code, reply["connections"].as_u64()), (200, Some(3)));
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv_push().await.2, json!({"notice": "hi all"}));
+    }
+    // Exactly once each: the next frame after a heartbeat is its ack.
+    for c in clients.iter_mut() {
+        c.send(ClientFrame::Heartbeat {}).await;
+        assert!(matches!(
+            c.recv().await,
+            Some(ServerFrame::HeartbeatAck { .. })
+        ));
+    }
+    let (_, k) = nodes[0]
+        .admin_json(Method::DELETE, "/api/v1/users/user-2/connections", None)
+        .await;
+    assert_eq!(k["kicked"], 1);
+    let frames = clients[2].until_closed().await;
+    assert!(
+        matches!(
+            frames.as_slice(),
+            [ServerFrame::Kick {
+                reason: KickReason::Admin,
+                ..
+            }]
+        ),
+        "{frames:?}"
+    );
+    stop_all(nodes).await;
+    db.drop_database().await;
+}
+
+/// A private `redis-server` on a free port, for tests that stop and restart Redis.
+struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start_on(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        PrivateRedis {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    async fn wait_up(&self) {
+        eventually("private redis answers", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+        })
+        .await;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn ready(node: &IsolatedNode) -> bool {
+    node.http
+        .get(node.url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() == 200)
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_loses_nothing() {
+    let mut redis = PrivateRedis::start();
+    redis.wait_up().await;
+    let db = MysqlDb::create().await;
+    let prefix = random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let (prefix, url, redis_url) = (prefix.clone(), db.url.clone(), redis.url());
+        nodes.push(
+            IsolatedNode::start_with(move |s| {
+                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
+                s.cluster.redis_url = Some(imgate::config::Secret::new(redis_url));
+                s.cluster.request_timeout_ms = 500;
+            })
+            .await,
+        );
+    }
+    let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
+    let mut carol = nodes[0].login(&nodes[0].tcp(), "carol", "app").await;
+    let mut bob = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
+    assert_eq!(
+        status(&alice.send_text("bob", "before").await),
+        (SendStatus::Delivered, 1)
+    );
+    bob.recv_push().await;
+
+    redis.kill();
+    eventually("node 1 reports not ready", || async {
+        !ready(&nodes[0]).await
+    })
+    .await;
+    let (_, r) = nodes[0].admin_json(Method::GET, "/readyz", None).await;
+    assert_eq!(r["reason"], "cluster bus down");
+    // Local delivery keeps working; a cross-node send is stored, never reported delivered.
+    assert_eq!(
+        status(&carol.send_text("alice", "local").await),
+        (SendStatus::Delivered, 1)
+    );
+    assert_eq!(alice.recv_push().await.2, json!({"text": "local"}));
+    assert_eq!(
+        status(&alice.send_text("bob", "during").await),
+        (SendStatus::Stored, 0)
+    );
+
+    let redis = PrivateRedis::start_on(redis.port);
+    redis.wait_up().await;
+    for node in &nodes {
+        eventually("ready again", || async { ready(node).await }).await;
+    }
+    // Presence was re-registered: node 1 finds bob on node 2 again.
+    eventually("cross-node delivery again", || async {
+        let (_, p) = nodes[0]
+            .admin_json(Method::GET, "/api/v1/users/bob/presence", None)
+            .await;
+        p["connections"].as_array().is_some_and(|c| c.len() == 1)
+    })
+    .await;
+    assert_eq!(
+        status(&alice.send_text("bob", "after").await),
+        (SendStatus::Delivered, 1)
+    );
+    assert_eq!(bob.recv_push().await.2, json!({"text": "after"}));
+    // Every message is accounted for in the store: before, local, during (pending), after.
+    let mut c = db.connect().await;
+    let states: Vec<(Vec<u8>, i8)> = sqlx::query_as("SELECT body, state FROM messages ORDER BY id")
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+    let states: Vec<(String, i8)> = states
+        .into_iter()
+        .map(|(b, s)| (String::from_utf8(b).unwrap(), s))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (r#"{"text":"before"}"#.into(), 1),
+            (r#"{"text":"local"}"#.into(), 1),
+            (r#"{"text":"during"}"#.into(), 0),
+            (r#"{"text":"after"}"#.into(), 1)
+        ]
+    );
+    stop_all(nodes).await;
+    db.drop_database().await;
+}

@@ -1,0 +1,409 @@
+//! Persistence through the whole gateway, on the real MariaDB (a fresh database per test): what is
+//! sent over TCP, WebSocket and the admin API is stored with the right fields; receipts come only
+//! after the commit; repeated client message ids are stored once; history pages are complete;
+//! shutdown flushes; a stalled database makes senders wait or be refused, never lose messages.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{MysqlDb, TestNode};
+use imgate::config::Secret;
+use imgate_shared::protocol::Body;
+use imgate_shared::{ClientFrame, ErrorCode, SendStatus, ServerFrame};
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::Executor;
+
+async fn node_on(db: &MysqlDb, configure: impl FnOnce(&mut imgate::Settings)) -> TestNode {
+    let url = db.url.clone();
+    TestNode::start_with(move |s| {
+        s.store.url = Secret::new(url);
+        configure(s);
+    })
+    .await
+}
+
+fn receipt(frame: &ServerFrame) -> (Option<String>, SendStatus) {
+    match frame {
+        ServerFrame::SendResult { id, status, .. } => (id.map(|i| i.to_string()), *status),
+        other => panic!("expected send_result, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn messages_from_every_entry_point_are_stored_with_their_fields() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.ws(), "bob", "web").await;
+
+    // TCP → online WebSocket user; the body is kept byte for byte.
+    let body = r#"{"text":"héllo","n":2.50}"#;
+    alice
+        .send(ClientFrame::Send {
+            to: "bob".into(),
+            channel: Some("web".into()),
+            client_msg_id: "a-1".into(),
+            body: Body::from_json(body).unwrap(),
+        })
+        .await;
+    let (id1, status) = receipt(&alice.recv().await.unwrap());
+    assert_eq!(status, SendStatus::Delivered);
+    bob.recv_push().await;
+    // WebSocket → nobody online.
+    let (id2, status) = receipt(&bob.send_text("carol", "are you there?").await);
+    assert_eq!(status, SendStatus::Stored);
+    // Admin API, a system message.
+    let (code, reply) = node
+        .admin_json(
+            Method::POST,
+            "/api/v1/messages",
+            Some(json!({"to": "alice", "body": [1, "two"], "client_msg_id": "ops-7"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{reply}");
+    let id3 = reply["results"][0]["id"].as_str().unwrap().to_owned();
+
+    let get = |id: String| {
+        let node = &node;
+        async move {
+            node.admin_json(Method::GET, &format!("/api/v1/messages/{id}"), None)
+                .await
+        }
+    };
+    let (code, m) = get(id1.clone().unwrap()).await;
+    assert_eq!(code, 200);
+    assert_eq!(m["sender"], "alice");
+    assert_eq!(m["recipient"], "bob");
+    assert_eq!(m["channel"], "web");
+    assert_eq!(m["client_msg_id"], "a-1");
+    assert_eq!(m["state"], "delivered");
+    assert!(m["created_at_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    let (_, m2) = get(id2.unwrap()).await;
+    assert_eq!(
+        (
+            m2["sender"].as_str(),
+            m2["recipient"].as_str(),
+            m2["state"].as_str()
+        ),
+        (Some("bob"), Some("carol"), Some("pending"))
+    );
+    assert_eq!(m2["channel"], Value::Null);
+    let (_, m3) = get(id3).await;
+    assert_eq!(
+        (
+            m3["sender"].clone(),
+            m3["body"].clone(),
+            m3["client_msg_id"].as_str()
+        ),
+        (Value::Null, json!([1, "two"]), Some("ops-7"))
+    );
+
+    // Byte for byte in the database itself.
+    let mut c = db.connect().await;
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT body FROM messages WHERE client_msg_id = 'a-1'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), body);
+    assert_eq!(db.count().await, 3);
+    let (code, _) = node
+        .admin_json(Method::GET, "/api/v1/messages/12345", None)
+        .await;
+    assert_eq!(code, 404);
+    let (code, _) = node
+        .admin_json(Method::GET, "/api/v1/messages/abc", None)
+        .await;
+    assert_eq!(code, 400);
+    node.stop().await;
+    db.drop_database().await;
+}
+
+/// Waits (bounded) until the store's writer is blocked on the table lock.
+async fn writer_waits_for_lock(db: &MysqlDb) {
+    let mut c = db.connect().await;
+    for _ in 0..1_000 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.processlist WHERE db = DATABASE() AND info LIKE 'INSERT%messages%'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the writer never reached the database");
+}
+
+#[tokio::test]
+async fn the_receipt_waits_for_the_commit() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    alice
+        .send(ClientFrame::Send {
+            to: "bob".into(),
+            channel: None,
+            client_msg_id: "m".into(),
+            body: Body::from_value(&"x").unwrap(),
+        })
+        .await;
+    // Delivery does not wait for the database...
+    bob.recv_push().await;
+    // ...but the receipt does: the writer is stuck on the lock and nothing has been answered.
+    writer_waits_for_lock(&db).await;
+    let early = tokio::time::timeout(Duration::from_millis(200), alice.conn.recv()).await;
+    assert!(early.is_err(), "a receipt before the commit: {early:?}");
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    let (id, status) = receipt(&alice.recv().await.unwrap());
+    assert_eq!(status, SendStatus::Delivered);
+    let mut c = db.connect().await;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE id = ?")
+        .bind(id.unwrap().parse::<i64>().unwrap())
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    node.stop().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_repeated_client_message_id_is_stored_once_across_reconnects() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let frame = || ClientFrame::Send {
+        to: "bob".into(),
+        channel: None,
+        client_msg_id: "retry-me".into(),
+        body: Body::from_value(&"once").unwrap(),
+    };
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    alice.send(frame()).await;
+    let (first, status) = receipt(&alice.recv().await.unwrap());
+    assert_eq!(status, SendStatus::Stored);
+    drop(alice);
+    let mut alice = node.login(&node.ws(), "alice", "web").await;
+    alice.send(frame()).await;
+    let (second, _) = receipt(&alice.recv().await.unwrap());
+    assert_eq!(first, second, "the same id in both receipts");
+    assert_eq!(db.count().await, 1);
+    // Through the admin API too.
+    let body = json!({"to": "bob", "body": 1, "client_msg_id": "ops", "from": "alice"});
+    let (_, a) = node
+        .admin_json(Method::POST, "/api/v1/messages", Some(body.clone()))
+        .await;
+    let (_, b) = node
+        .admin_json(Method::POST, "/api/v1/messages", Some(body))
+        .await;
+    assert_eq!(a["results"][0]["id"], b["results"][0]["id"]);
+    assert_eq!(db.count().await, 2);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_store_duplicates_total", &[]),
+        2.0
+    );
+    node.stop().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn history_pages_are_complete_and_newest_first() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        let (id, _) = receipt(&alice.send_text("bob", &format!("a{i}")).await);
+        sent.push(id.unwrap());
+        let (id, _) = receipt(&bob.send_text("alice", &format!("b{i}")).await);
+        sent.push(id.unwrap());
+        receipt(&alice.send_text("carol", "noise").await);
+    }
+    let mut pages = 0;
+    let mut seen: Vec<String> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = "/api/v1/users/alice/messages?peer=bob&limit=25".to_owned();
+        if let Some(b) = &before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let (code, page) = node.admin_json(Method::GET, &path, None).await;
+        assert_eq!(code, 200, "{page}");
+        pages += 1;
+        for m in page["messages"].as_array().unwrap() {
+            let peer_pair = (
+                m["sender"].as_str().unwrap(),
+                m["recipient"].as_str().unwrap(),
+            );
+            assert!(
+                peer_pair == ("alice", "bob") || peer_pair == ("bob", "alice"),
+                "{m}"
+            );
+            seen.push(m["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_before"].as_str() {
+            Some(b) => before = Some(b.to_owned()),
+            None => break,
+        }
+        assert!(pages < 20);
+    }
+    let mut expected = sent.clone();
+    expected.reverse();
+    assert_eq!(seen, expected, "every message once, newest first");
+    let (_, all) = node
+        .admin_json(Method::GET, "/api/v1/users/alice/messages?limit=1000", None)
+        .await;
+    assert_eq!(all["messages"].as_array().unwrap().len(), 180);
+    assert!(all.get("next_before").is_none());
+    let (code, _) = node
+        .admin_json(Method::GET, "/api/v1/users/alice/messages?limit=0", None)
+        .await;
+    assert_eq!(code, 400);
+    node.stop().await;
+    db.drop_database().await;
+}
+
+/// Waits (bounded) until `metric` (with `labels`) reaches at least `value`.
+async fn metric_reaches(node: &TestNode, metric: &str, labels: &[&str], value: f64) {
+    for _ in 0..2_000 {
+        if common::metric_value(&node.metrics().await, metric, labels) >= value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{metric} never reached {value}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_writes_everything_queued() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    for i in 0..50 {
+        alice
+            .send(ClientFrame::Send {
+                to: "bob".into(),
+                channel: None,
+                client_msg_id: format!("q{i}"),
+                body: Body::from_value(&i).unwrap(),
+            })
+            .await;
+    }
+    // Once the node has read all 50, each is in a task that shutdown waits for; the writer is
+    // stuck on the lock, so nothing is written yet.
+    metric_reaches(&node, "imgate_frames_in_total", &["cmd=\"send\""], 50.0).await;
+    writer_waits_for_lock(&db).await;
+    node.shutdown.cancel();
+    // Clients are kicked at once; the node waits for its writer.
+    let frames = alice.until_closed().await;
+    assert!(
+        frames.iter().any(|f| matches!(f, ServerFrame::Kick { .. })),
+        "{frames:?}"
+    );
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    tokio::time::timeout(common::WAIT, node.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(db.count().await, 50);
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_stalled_database_delays_or_refuses_but_loses_nothing() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |s| {
+        s.store.queue_capacity = 20;
+        s.store.enqueue_timeout_ms = 200;
+        s.store.batch_max_rows = 5;
+    })
+    .await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    const SENT: usize = 60;
+    for i in 0..SENT {
+        alice
+            .send(ClientFrame::Send {
+                to: "bob".into(),
+                channel: None,
+                client_msg_id: format!("s{i}"),
+                body: Body::from_value(&i).unwrap(),
+            })
+            .await;
+    }
+    // At most 25 fit (20 queued, 5 in the writer's blocked batch); the rest are refused after
+    // waiting 200 ms for room. Receipts come back in send order, so they wait for the lock too.
+    metric_reaches(
+        &node,
+        "imgate_store_refused_total",
+        &["reason=\"overloaded\""],
+        (SENT - 25) as f64,
+    )
+    .await;
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    let mut refused = HashSet::new();
+    let mut stored = HashSet::new();
+    for _ in 0..SENT {
+        match alice.recv().await.unwrap() {
+            ServerFrame::SendResult {
+                client_msg_id,
+                status,
+                reason,
+                ..
+            } => {
+                match status {
+                    SendStatus::Stored => stored.insert(client_msg_id),
+                    SendStatus::Refused => {
+                        assert_eq!(reason, Some(ErrorCode::Unavailable));
+                        refused.insert(client_msg_id)
+                    }
+                    other => panic!("{other:?}"),
+                };
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        stored.len() + refused.len(),
+        SENT,
+        "every message accounted for"
+    );
+    assert!(
+        stored.len() >= 20,
+        "the queued ones are stored after the stall: {}",
+        stored.len()
+    );
+    assert_eq!(db.count().await as usize, stored.len());
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "imgate_store_refused_total",
+            &["reason=\"overloaded\""]
+        ) as usize,
+        refused.len()
+    );
+    // The connection was never at risk: still answering.
+    alice.send(ClientFrame::Heartbeat {}).await;
+    assert!(matches!(
+        alice.recv().await,
+        Some(ServerFrame::HeartbeatAck { .. })
+    ));
+    node.stop().await;
+    db.drop_database().await;
+}
