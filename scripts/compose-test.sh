@@ -324,7 +324,9 @@ CARGO_TARGET_DIR="$CHECK_TARGET" nice cargo build -q --offline \
     CARGO_TARGET_DIR="$CHECK_TARGET" nice cargo build -q \
         --manifest-path scripts/compose-check/Cargo.toml >"$WORK/check-build.log" 2>&1 ||
     { tail -n 40 "$WORK/check-build.log"; die "building scripts/compose-check failed"; }
-CHECK="$CHECK_TARGET/debug/imgate-compose-check"
+CHECK_BIN="$CHECK_TARGET/debug/imgate-compose-check"
+# Every check is bounded: a hung check fails the run instead of holding it.
+CHECK() { timeout -k 10 300 "$CHECK_BIN" "$@" || die "a compose check failed (exit $?; 124 = it ran past 300 s)"; }
 
 # --- up -------------------------------------------------------------------------------------
 
@@ -383,7 +385,7 @@ CHECK_ARGS=(
 )
 
 say "check: node 1 <-> node 3, and node 2's admin API -> node 1"
-"$CHECK" "${CHECK_ARGS[@]}" --ids-out "$WORK/ids-exchange" exchange
+CHECK "${CHECK_ARGS[@]}" --ids-out "$WORK/ids-exchange" exchange
 
 # --- Prometheus -----------------------------------------------------------------------------
 
@@ -460,7 +462,7 @@ check_rows "$WORK/ids-exchange"
 
 say "check: stopping node-2 (SIGTERM) while its clients send and receive"
 printf -v STOP_CMD '%q ' "${COMPOSE[@]}" stop -t 45 imgate-2
-"$CHECK" "${CHECK_ARGS[@]}" --ids-out "$WORK/ids-failover" failover --stop-cmd "$STOP_CMD >$WORK/stop.log 2>&1"
+CHECK "${CHECK_ARGS[@]}" --ids-out "$WORK/ids-failover" failover --stop-cmd "$STOP_CMD >$WORK/stop.log 2>&1"
 c2=$(container_of imgate-2)
 code=$($ENGINE inspect -f '{{.State.ExitCode}}' "$c2")
 $ENGINE logs "$c2" >"$WORK/node-2.log" 2>&1

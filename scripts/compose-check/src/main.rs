@@ -475,14 +475,16 @@ fn traffic(
     to: String,
     every: Duration,
     sends: Sends,
-    stop: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<Vec<tokio::task::JoinHandle<()>>> {
     tokio::spawn(async move {
         let mut tasks = Vec::new();
         let mut tick = tokio::time::interval(every);
         for seq in 1.. {
+            // `wait_for` sees a stop that happened while this loop was busy between ticks
+            // (a `Notify::notify_waiters` would be lost then, and the loop would never end).
             tokio::select! {
-                _ = stop.notified() => break,
+                _ = stop.wait_for(|stopped| *stopped) => break,
                 _ = tick.tick() => {}
             }
             let i = {
@@ -586,7 +588,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
 
     // Traffic: alice → carol, alice → erin, carol → bob, every 100 ms each.
     let sends: Sends = Arc::default();
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let every = Duration::from_millis(100);
     let loops = vec![
         traffic(
@@ -595,7 +597,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
             carol.id.clone(),
             every,
             sends.clone(),
-            stop.clone(),
+            stopped.clone(),
         ),
         traffic(
             alice.client.clone(),
@@ -603,7 +605,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
             erin.id.clone(),
             every,
             sends.clone(),
-            stop.clone(),
+            stopped.clone(),
         ),
         traffic(
             carol.client.clone(),
@@ -611,7 +613,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
             bob.id.clone(),
             every,
             sends.clone(),
-            stop.clone(),
+            stopped.clone(),
         ),
     ];
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -668,14 +670,20 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
     );
     // Keep sending for a while on the new nodes.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.notify_waiters();
-    let mut tasks = Vec::new();
-    for l in loops {
-        tasks.extend(l.await?);
-    }
-    for t in tasks {
-        t.await?;
-    }
+    stop.send_replace(true);
+    // Every send ends within the client's send timeout (30 s); bound the wait anyway.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut tasks = Vec::new();
+        for l in loops {
+            tasks.extend(l.await?);
+        }
+        for t in tasks {
+            t.await?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("the traffic loops did not end within 60 s of the stop")??;
     let status = tokio::time::timeout(Duration::from_secs(90), stopper.wait())
         .await
         .context("the stop command did not finish within 90 s")??;
