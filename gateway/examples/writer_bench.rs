@@ -139,6 +139,7 @@ fn message(ids: &IdGenerator, i: usize) -> NewMessage {
         ),
         client_msg_id: Some(format!("c-{i}")),
         created_at_ms: 1_700_000_000_000 + i as u64,
+        seq: i as u64 + 1,
         state: if i % 3 == 0 {
             DeliveryState::Pending
         } else {

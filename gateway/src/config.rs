@@ -49,6 +49,43 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub store: StoreSettings,
     pub cluster: ClusterSettings,
+    pub delivery: DeliverySettings,
+}
+
+/// Reliable delivery: per-device streams, acknowledgements, catch-up and sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// How long messages are replayed to devices that were away: older ones are reported as
+    /// `expired` instead.
+    pub retention_secs: u64,
+    /// An unacknowledged push is sent again after this long.
+    pub ack_timeout_ms: u64,
+    /// Retransmissions of one push before the connection is closed (KICK `ack_timeout`).
+    pub max_retransmits: u32,
+    /// Most pushes of one connection awaiting acknowledgement; further ones wait.
+    pub window: usize,
+    /// A missing stream position is looked up in the database after this long.
+    pub gap_timeout_ms: u64,
+    /// A position still missing after this long is skipped (its message was never stored: its
+    /// node crashed before the commit, and its sender got no receipt).
+    pub hole_timeout_ms: u64,
+    /// Sessions (for RESUME) expire after this long without a resume.
+    pub session_ttl_secs: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            retention_secs: 7 * 24 * 3600,
+            ack_timeout_ms: 10_000,
+            max_retransmits: 3,
+            window: 256,
+            gap_timeout_ms: 1_000,
+            hole_timeout_ms: 10_000,
+            session_ttl_secs: 24 * 3600,
+        }
+    }
 }
 
 /// Where messages are kept: SQLite (a file; the embedded default) or MySQL/MariaDB.
@@ -427,6 +464,21 @@ impl Settings {
             return invalid(
                 "store.batch_max_rows, store.queue_capacity and store.pool_size must be positive",
             );
+        }
+        let d = &self.delivery;
+        if d.window == 0 || d.window > 65_536 {
+            return invalid("delivery.window must be between 1 and 65536");
+        }
+        if d.ack_timeout_ms == 0 || d.gap_timeout_ms == 0 || d.session_ttl_secs == 0 {
+            return invalid(
+                "delivery.ack_timeout_ms, delivery.gap_timeout_ms and delivery.session_ttl_secs must be positive",
+            );
+        }
+        if d.hole_timeout_ms < d.gap_timeout_ms {
+            return invalid("delivery.hole_timeout_ms must be at least delivery.gap_timeout_ms");
+        }
+        if d.retention_secs == 0 {
+            return invalid("delivery.retention_secs must be positive");
         }
         let c = &self.cluster;
         if c.refresh_interval_ms == 0 || c.refresh_interval_ms * 2 > c.node_ttl_ms {

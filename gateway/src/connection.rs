@@ -17,19 +17,24 @@ use tokio::time::{timeout, Instant};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::auth::unix_millis;
-use crate::cluster::RegisterOutcome;
+use crate::cluster::{RegisterOutcome, Resume, Session, SessionTicket};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
+use crate::delivery::{DeviceStream, Fetch, Outgoing};
 use crate::metrics;
 use crate::node::{Node, SlotGuard};
 use crate::registry::{ConnHandle, Outbound, RegisterError};
 use crate::router::valid_id;
 use crate::store::DeliveryState;
+use crate::store::{StoreError, StoredMessage};
 use crate::transport::{self, FrameReader, FrameWriter, ReadError, WriteError};
 
 /// Most queued frames written in one batch before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 64;
 /// Most sends of one connection awaiting their receipt; beyond it the connection is not read.
 const MAX_SENDS_IN_FLIGHT: usize = 64;
+/// A database read of a device stream, running in a task of its own.
+type PageFuture = JoinHandle<Result<Vec<StoredMessage>, StoreError>>;
+
 /// Longest time spent writing a farewell frame (KICK or ERROR) before closing anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -69,7 +74,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         // Boxed so that the login's state (token checks, registration) is freed once it is done
         // instead of living on in every idle connection's task.
         let close = match Box::pin(conn.login(deadline)).await {
-            Ok((handle, outbox, heartbeat)) => conn.run(handle, outbox, heartbeat).await,
+            Ok(bound) => conn.run(bound).await,
             Err(close) => {
                 count_close(&close, &conn.node);
                 close
@@ -134,11 +139,32 @@ pub fn negotiate_heartbeat(client: Option<HeartbeatRange>, server: &HeartbeatSet
     }
 }
 
+/// What a connection is bound to after LOGIN or RESUME.
+struct Bound {
+    handle: Arc<ConnHandle>,
+    outbox: mpsc::Receiver<Outbound>,
+    heartbeat: Heartbeat,
+    /// The session the client resumes with.
+    session_id: String,
+    stream: DeviceStream,
+}
+
+/// Who the first frame says the client is.
+struct Hello {
+    user: String,
+    device_id: String,
+    channel: String,
+    heartbeat: Option<HeartbeatRange>,
+    last_seq: u64,
+    /// Set for a RESUME: the session that replaces the presented one.
+    resumed: Option<SessionTicket>,
+}
+
 impl Connection {
-    async fn login(
-        &mut self,
-        deadline: Instant,
-    ) -> Result<(Arc<ConnHandle>, mpsc::Receiver<Outbound>, Heartbeat), Close> {
+    /// Reads LOGIN or RESUME and binds the connection: registration (locally and in the
+    /// cluster), a session, the device's cursor, `login_result`, and the device stream that
+    /// replays what follows the cursor.
+    async fn login(&mut self, deadline: Instant) -> Result<Bound, Close> {
         let node = self.node.clone();
         let settings = &node.settings;
         let first = tokio::select! {
@@ -174,52 +200,103 @@ impl Connection {
             }
         };
         metrics::counter_frame_in(frame.kind());
-        let ClientFrame::Login {
-            token,
-            device_id,
-            channel,
-            client_version: _,
-            heartbeat,
-        } = frame
-        else {
-            return Err(login_failed(
-                ErrorCode::LoginRequired,
-                format!("the first frame must be login, not {}", frame.kind()),
-            ));
-        };
-        if !valid_id(&device_id) {
-            return Err(login_failed(
-                ErrorCode::InvalidField,
-                "device_id must be 1 to 128 bytes",
-            ));
-        }
-        if let Some(hb) = heartbeat {
-            if hb.min_ms > hb.max_ms {
-                return Err(login_failed(
-                    ErrorCode::InvalidField,
-                    "heartbeat.min_ms exceeds heartbeat.max_ms",
-                ));
+        let hello = match frame {
+            ClientFrame::Login {
+                token,
+                device_id,
+                channel,
+                client_version: _,
+                heartbeat,
+                last_seq,
+            } => {
+                check_hello(&device_id, heartbeat)?;
+                if !node.router.is_channel(&channel) {
+                    return Err(login_failed(
+                        ErrorCode::UnknownChannel,
+                        format!(
+                            "unknown channel type {channel:?}; accepted: {}",
+                            settings.channels.types.join(", ")
+                        ),
+                    ));
+                }
+                let claims = match node.auth.verify(&token) {
+                    Ok(c) => c,
+                    Err(e) => return Err(login_failed(e.code(), e.to_string())),
+                };
+                Hello {
+                    user: claims.sub,
+                    device_id,
+                    channel,
+                    heartbeat,
+                    last_seq: last_seq.unwrap_or(0),
+                    resumed: None,
+                }
             }
-        }
-        if !node.router.is_channel(&channel) {
-            return Err(login_failed(
-                ErrorCode::UnknownChannel,
-                format!(
-                    "unknown channel type {channel:?}; accepted: {}",
-                    settings.channels.types.join(", ")
-                ),
-            ));
-        }
-        let claims = match node.auth.verify(&token) {
-            Ok(c) => c,
-            Err(e) => return Err(login_failed(e.code(), e.to_string())),
+            ClientFrame::Resume {
+                session_id,
+                device_id,
+                last_seq,
+                client_version: _,
+                heartbeat,
+            } => {
+                check_hello(&device_id, heartbeat)?;
+                let (session, ticket) =
+                    match node.cluster().resume_session(&session_id, &device_id).await {
+                        Ok(Resume::Resumed { session, ticket }) => (session, ticket),
+                        Ok(Resume::Unknown) => {
+                            count_session("unknown");
+                            return Err(login_failed(
+                                ErrorCode::SessionExpired,
+                                "unknown or expired session; log in",
+                            ));
+                        }
+                        Ok(Resume::WrongDevice) => {
+                            count_session("wrong_device");
+                            return Err(login_failed(
+                                ErrorCode::InvalidDevice,
+                                "the session belongs to another device; log in",
+                            ));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot check a session");
+                            return Err(login_failed(
+                                ErrorCode::Unavailable,
+                                "sessions cannot be checked now; retry, or log in",
+                            ));
+                        }
+                    };
+                if !node.router.is_channel(&session.channel) {
+                    return Err(login_failed(
+                        ErrorCode::UnknownChannel,
+                        "the session's channel type is no longer accepted; log in",
+                    ));
+                }
+                count_session("resumed");
+                Hello {
+                    user: session.user,
+                    device_id,
+                    channel: session.channel,
+                    heartbeat,
+                    last_seq: last_seq.unwrap_or(0),
+                    resumed: Some(ticket),
+                }
+            }
+            other => {
+                return Err(login_failed(
+                    ErrorCode::LoginRequired,
+                    format!(
+                        "the first frame must be login or resume, not {}",
+                        other.kind()
+                    ),
+                ))
+            }
         };
 
         let (tx, rx) = mpsc::channel(settings.client.outbox_capacity);
         let handle = Arc::new(ConnHandle::new(
-            claims.sub.into(),
-            channel.into(),
-            device_id.into(),
+            hello.user.into(),
+            hello.channel.into(),
+            hello.device_id.into(),
             self.kind,
             tx,
         ));
@@ -252,19 +329,74 @@ impl Connection {
                 warn!(error = %e, "presence not registered; it is re-registered when the cluster recovers")
             }
         }
+        // From here on live pushes reach this connection (locally and from other nodes); what
+        // was sent before is in the database, or on its way there, below the stream's head.
+        let resumed = hello.resumed.is_some();
+        let ticket = match hello.resumed {
+            Some(ticket) => ticket,
+            None => {
+                let session = Session {
+                    user: handle.user.to_string(),
+                    device: handle.device_id.to_string(),
+                    channel: handle.channel.to_string(),
+                };
+                let (ticket, stored) = node.cluster().create_session(&session).await;
+                if let Err(e) = stored {
+                    warn!(error = %e, "session not stored; a RESUME with it will be refused");
+                }
+                count_session("created");
+                ticket
+            }
+        };
+        let stored_cursor = match node.store().cursor(&handle.user, &handle.device_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read the device's cursor");
+                self.unregister(&handle).await;
+                return Err(login_failed(
+                    ErrorCode::Unavailable,
+                    "the message store is unavailable; retry later",
+                ));
+            }
+        };
+        let cursor = stored_cursor.max(hello.last_seq);
+        let mut head = match node.cluster().stream_head(&handle.user).await {
+            Ok(head) => head,
+            Err(e) => {
+                debug!(error = %e, "stream head unknown; replay relies on the database");
+                None
+            }
+        };
+        if head.is_none() && !node.cluster().is_clustered() {
+            // Embedded: the first connection of a user since the node started sets the user's
+            // counter from the store, so that messages to the user need no database read.
+            if let Ok(floor) = node.store().stream_head(&handle.user).await {
+                node.cluster().prime_seq(&handle.user, floor);
+                head = node
+                    .cluster()
+                    .stream_head(&handle.user)
+                    .await
+                    .ok()
+                    .flatten();
+            }
+        }
+
         metrics::gauge_connections(self.kind, &handle.channel, 1.0);
-        metrics::counter_login("ok");
+        metrics::counter_login(if resumed { "resumed" } else { "ok" });
         let span = tracing::Span::current();
         span.record("user", &*handle.user);
         span.record("conn", handle.id);
 
-        let interval_ms = negotiate_heartbeat(heartbeat, &settings.heartbeat);
+        let interval_ms = negotiate_heartbeat(hello.heartbeat, &settings.heartbeat);
         let heartbeat = Heartbeat {
             interval: Duration::from_millis(interval_ms),
             idle_timeout: Duration::from_millis(interval_ms * u64::from(settings.heartbeat.missed)),
         };
         let result = ServerFrame::LoginResult {
-            session_id: format!("{:032x}", rand::random::<u128>()),
+            session_id: ticket.id.clone(),
+            session_expires_at_ms: ticket.expires_at_ms,
+            resumed,
+            cursor,
             heartbeat_ms: interval_ms,
             idle_timeout_ms: heartbeat.idle_timeout.as_millis() as u64,
             node_id: node.node_id().to_owned(),
@@ -277,23 +409,65 @@ impl Connection {
             metrics::gauge_connections(self.kind, &handle.channel, -1.0);
             return Err(Close::Io(e.to_string()));
         }
-        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, "logged in");
-        Ok((handle, rx, heartbeat))
+        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
+        let stream = DeviceStream::new(
+            node.streams.clone(),
+            handle.channel.clone(),
+            cursor,
+            head,
+            Instant::now(),
+        );
+        Ok(Bound {
+            handle,
+            outbox: rx,
+            heartbeat,
+            session_id: ticket.id,
+            stream,
+        })
     }
 
-    async fn run(
-        &mut self,
-        handle: Arc<ConnHandle>,
-        mut outbox: mpsc::Receiver<Outbound>,
-        heartbeat: Heartbeat,
-    ) -> Close {
+    async fn run(&mut self, bound: Bound) -> Close {
+        let Bound {
+            handle,
+            mut outbox,
+            heartbeat,
+            session_id,
+            mut stream,
+        } = bound;
         let node = self.node.clone();
-        let write_timeout = Duration::from_millis(node.settings.client.write_timeout_ms);
         let mut last_activity = Instant::now();
         let idle_check = tokio::time::sleep_until(last_activity + heartbeat.idle_timeout);
         tokio::pin!(idle_check);
-        let mut latencies = Vec::new();
+        // The stream's timer (retransmissions, database reads), re-armed when its deadline moves.
+        let stream_timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(stream_timer);
+        let mut armed: Option<Instant> = None;
+        let mut fetch: Option<(Fetch, PageFuture)> = None;
+        let mut out: Vec<Outgoing> = Vec::new();
+        stream.pump(Instant::now(), &mut out);
         let close = loop {
+            if !out.is_empty() {
+                if let Err(close) = self.write_out(&handle, &mut out).await {
+                    break close;
+                }
+            }
+            if fetch.is_none() {
+                if let Some(f) = stream.fetch(Instant::now()) {
+                    let store = node.store().clone();
+                    let user = handle.user.clone();
+                    // Its own task: a connection closing meanwhile does not cut the query off.
+                    let read: PageFuture =
+                        tokio::spawn(async move { store.stream(&user, f.from, f.limit).await });
+                    fetch = Some((f, read));
+                }
+            }
+            let deadline = stream.deadline();
+            if deadline != armed {
+                if let Some(at) = deadline {
+                    stream_timer.as_mut().reset(at);
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
                 _ = node.shutdown.cancelled() => break Close::Kick(KickReason::Shutdown),
@@ -301,25 +475,43 @@ impl Connection {
                     break Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin))
                 }
                 Some(first) = outbox.recv() => {
-                    let batch = write_batch(&mut self.writer, first, &mut outbox, &mut latencies);
-                    // A write blocked on a client that does not read ends at the write timeout,
-                    // or sooner when the connection is kicked (its outbox overflowed meanwhile).
-                    let written = tokio::select! {
-                        written = timeout(write_timeout, batch) => written,
-                        _ = handle.control.kicked() => {
-                            break Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin))
+                    let now = Instant::now();
+                    let mut next = Some(first);
+                    let mut taken = 0;
+                    while let Some(o) = next {
+                        if o.stamp.seq == 0 {
+                            out.push(Outgoing { payload: o.payload, accepted: o.accepted, push: true });
+                        } else {
+                            stream.offer(o, now);
                         }
-                    };
-                    match written {
-                        Ok(Ok(())) => {
-                            let now = std::time::Instant::now();
-                            for accepted in latencies.drain(..) {
-                                node.metrics.push_latency.record(now.duration_since(accepted));
-                            }
-                        }
-                        Ok(Err(e)) => break Close::Io(e.to_string()),
-                        Err(_) => break Close::Kick(KickReason::SlowConsumer),
+                        taken += 1;
+                        next = if taken < MAX_WRITE_BATCH { outbox.try_recv().ok() } else { None };
                     }
+                    stream.pump(now, &mut out);
+                }
+                rows = async { (&mut fetch.as_mut().expect("guarded").1).await }, if fetch.is_some() => {
+                    let (f, _) = fetch.take().expect("guarded");
+                    let now = Instant::now();
+                    match rows {
+                        Ok(Ok(rows)) => stream.fill(f, rows, now, unix_millis()),
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "cannot read the stream; trying again");
+                            stream.fetch_failed(now);
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "cannot read the stream; trying again");
+                            stream.fetch_failed(now);
+                        }
+                    }
+                    stream.pump(now, &mut out);
+                }
+                () = &mut stream_timer, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    if stream.on_timer(now, &mut out).is_err() {
+                        break Close::Kick(KickReason::AckTimeout);
+                    }
+                    stream.pump(now, &mut out);
                 }
                 Some(receipt) = self.receipts.next(), if !self.receipts.is_empty() => {
                     let frame = receipt.unwrap_or_else(|e| {
@@ -339,7 +531,7 @@ impl Connection {
                         }
                         Some(Err(e)) => break Close::Io(e.to_string()),
                         Some(Ok(bytes)) => {
-                            if let Some(close) = self.on_frame(&handle, bytes).await {
+                            if let Some(close) = self.on_frame(&handle, &mut stream, &mut out, bytes).await {
                                 break close;
                             }
                         }
@@ -362,17 +554,78 @@ impl Connection {
         debug!(
             ?close,
             interval_ms = heartbeat.interval.as_millis() as u64,
+            cursor = stream.cursor(),
             "connection ending"
         );
         // Counted before the connection leaves the registry: whoever sees it gone sees it counted.
         count_close(&close, &node);
         self.unregister(&handle).await;
         metrics::gauge_connections(self.kind, &handle.channel, -1.0);
+        // The session ends with LOGOUT and with kicks that mean "do not come back as this
+        // session"; a connection that merely broke (or a node going down) can be resumed.
+        if matches!(
+            close,
+            Close::Logout | Close::Kick(KickReason::DuplicateLogin | KickReason::Admin)
+        ) {
+            node.cluster().revoke_session(&session_id).await;
+        }
         close
     }
 
+    /// Writes `out` with one flush (bounded by the write timeout, cut short by a kick), then
+    /// clears it.
+    async fn write_out(
+        &mut self,
+        handle: &ConnHandle,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Close> {
+        let node = self.node.clone();
+        let write_timeout = Duration::from_millis(node.settings.client.write_timeout_ms);
+        let writer = &mut self.writer;
+        let batch = async {
+            for o in out.iter() {
+                writer.feed(o.payload.clone()).await?;
+            }
+            writer.flush().await
+        };
+        // A write blocked on a client that does not read ends at the write timeout, or sooner
+        // when the connection is kicked meanwhile.
+        let written = tokio::select! {
+            written = timeout(write_timeout, batch) => written,
+            _ = handle.control.kicked() => {
+                return Err(Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin)))
+            }
+        };
+        match written {
+            Ok(Ok(())) => {
+                let now = std::time::Instant::now();
+                let mut pushes = 0;
+                for o in out.drain(..) {
+                    if o.push {
+                        pushes += 1;
+                    }
+                    if let Some(accepted) = o.accepted {
+                        node.metrics
+                            .push_latency
+                            .record(now.duration_since(accepted));
+                    }
+                }
+                metrics::counter_pushes_out(pushes);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Close::Io(e.to_string())),
+            Err(_) => Err(Close::Kick(KickReason::SlowConsumer)),
+        }
+    }
+
     /// Handles one frame of a logged-in connection; `Some` ends the connection.
-    async fn on_frame(&mut self, handle: &Arc<ConnHandle>, bytes: Bytes) -> Option<Close> {
+    async fn on_frame(
+        &mut self,
+        handle: &Arc<ConnHandle>,
+        stream: &mut DeviceStream,
+        out: &mut Vec<Outgoing>,
+        bytes: Bytes,
+    ) -> Option<Close> {
         let frame = match ClientFrame::decode(&bytes) {
             Ok(frame) => frame,
             Err(e) => {
@@ -401,15 +654,30 @@ impl Connection {
                 Box::pin(self.on_send(handle, to, channel, client_msg_id, body)).await;
                 return None;
             }
-            ClientFrame::Ack { id } => {
+            ClientFrame::Ack {
+                seq: None,
+                id: None,
+            } => {
+                metrics::counter_protocol_error(ErrorCode::InvalidField);
+                ServerFrame::error(ErrorCode::InvalidField, "ack needs seq or id")
+            }
+            ClientFrame::Ack { seq, id } => {
                 metrics::counter_ack();
-                self.node
-                    .store()
-                    .mark(&handle.user, &[id], DeliveryState::Acknowledged);
+                let (mut ids, cursor) = stream.ack(seq, id);
+                // An id outside the window (e.g. acknowledged twice) still raises its state.
+                if let Some(id) = id.filter(|id| !ids.contains(id)) {
+                    ids.push(id);
+                }
+                let store = self.node.store();
+                store.mark(&handle.user, &ids, DeliveryState::Acknowledged);
+                if let Some(cursor) = cursor {
+                    store.save_cursor(&handle.user, &handle.device_id, cursor);
+                }
+                stream.pump(Instant::now(), out);
                 return None;
             }
             ClientFrame::Logout {} => return Some(Close::Logout),
-            ClientFrame::Login { .. } => {
+            ClientFrame::Login { .. } | ClientFrame::Resume { .. } => {
                 metrics::counter_protocol_error(ErrorCode::AlreadyLoggedIn);
                 ServerFrame::error(
                     ErrorCode::AlreadyLoggedIn,
@@ -533,32 +801,25 @@ async fn farewell(writer: &mut FrameWriter, frame: ServerFrame) {
     let _ = timeout(FAREWELL_TIMEOUT, writer.send(frame.encode())).await;
 }
 
-/// Writes `first` and whatever else is already queued (up to [`MAX_WRITE_BATCH`]) with one flush,
-/// noting the acceptance time of each pushed message in `latencies`.
-async fn write_batch(
-    writer: &mut FrameWriter,
-    first: Outbound,
-    outbox: &mut mpsc::Receiver<Outbound>,
-    latencies: &mut Vec<std::time::Instant>,
-) -> Result<(), WriteError> {
-    latencies.clear();
-    let mut next = Some(first);
-    let mut written = 0;
-    while let Some(out) = next {
-        writer.feed(out.payload).await?;
-        if let Some(accepted) = out.accepted {
-            latencies.push(accepted);
-        }
-        written += 1;
-        next = if written < MAX_WRITE_BATCH {
-            outbox.try_recv().ok()
-        } else {
-            None
-        };
+/// Checks the fields LOGIN and RESUME share.
+fn check_hello(device_id: &str, heartbeat: Option<HeartbeatRange>) -> Result<(), Close> {
+    if !valid_id(device_id) {
+        return Err(login_failed(
+            ErrorCode::InvalidField,
+            "device_id must be 1 to 128 bytes",
+        ));
     }
-    writer.flush().await?;
-    metrics::counter_pushes_out(latencies.len() as u64);
+    if heartbeat.is_some_and(|hb| hb.min_ms > hb.max_ms) {
+        return Err(login_failed(
+            ErrorCode::InvalidField,
+            "heartbeat.min_ms exceeds heartbeat.max_ms",
+        ));
+    }
     Ok(())
+}
+
+fn count_session(outcome: &'static str) {
+    ::metrics::counter!(crate::delivery::metric::SESSIONS, "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod ids;
 pub mod metrics;
 pub mod node;

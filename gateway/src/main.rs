@@ -218,6 +218,7 @@ async fn chat(
             min_ms: 5_000,
             max_ms: 30_000,
         }),
+        last_seq: None,
     })
     .await?;
     let heartbeat_ms = match conn.recv().await? {
@@ -244,8 +245,13 @@ async fn chat(
         tokio::select! {
             frame = conn.recv() => match frame? {
                 Some(frame) => {
-                    if let ServerFrame::Push { id, .. } = &frame {
-                        conn.send(&ClientFrame::Ack { id: *id }).await?;
+                    if let ServerFrame::Push { id, seq, .. } = &frame {
+                        // Stream pushes are acknowledged by position, broadcasts by id.
+                        let ack = match seq {
+                            Some(seq) => ClientFrame::Ack { seq: Some(*seq), id: None },
+                            None => ClientFrame::Ack { seq: None, id: Some(*id) },
+                        };
+                        conn.send(&ack).await?;
                     }
                     if !matches!(frame, ServerFrame::HeartbeatAck { .. }) {
                         println!("{}", serde_json::to_string(&frame)?);

@@ -31,6 +31,7 @@ pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
         .iter()
         .chain(crate::store::CATALOG)
         .chain(crate::cluster::metrics::CATALOG)
+        .chain(crate::delivery::CATALOG)
         .copied()
 }
 
@@ -82,6 +83,7 @@ pub fn install() -> PrometheusHandle {
             describe();
             crate::store::describe_metrics();
             crate::cluster::metrics::describe();
+            crate::delivery::describe_metrics();
             handle
         })
         .clone()

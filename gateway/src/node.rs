@@ -21,6 +21,8 @@ pub struct Node {
     pub auth: Authenticator,
     pub router: Router,
     pub metrics: HotMetrics,
+    /// The limits of every connection's device stream (`delivery` settings).
+    pub streams: Arc<crate::delivery::StreamConfig>,
     pub prometheus: PrometheusHandle,
     pub started_at: Instant,
     pub started_at_ms: u64,
@@ -71,6 +73,7 @@ impl Node {
         let tag = cluster.node_tag();
         let router = Router::new(&settings, registry, tag, metrics.clone(), store, cluster);
         Ok(Node {
+            streams: Arc::new(crate::delivery::StreamConfig::new(&settings.delivery)),
             settings,
             auth,
             router,

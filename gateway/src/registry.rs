@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use imgate_shared::KickReason;
+use imgate_shared::{KickReason, MessageId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,13 +32,40 @@ impl TransportKind {
     }
 }
 
+/// A message's place: its id and its position in the recipient's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub id: MessageId,
+    /// 0 for pushes outside any stream (broadcasts).
+    pub seq: u64,
+}
+
 /// One encoded frame queued for a connection.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    /// The frame's JSON payload, shared by every recipient.
+    /// The frame's JSON payload, shared by every recipient; empty for a skip.
     pub payload: Bytes,
     /// When the message was accepted, for the push-latency histogram; `None` for other frames.
     pub accepted: Option<Instant>,
+    pub stamp: Stamp,
+    /// The position is consumed but the message is not for this connection (it was addressed
+    /// to another channel type): nothing is written.
+    pub skip: bool,
+}
+
+impl Outbound {
+    /// A push outside any stream.
+    pub fn unsequenced(payload: Bytes, accepted: Option<Instant>) -> Self {
+        Outbound {
+            payload,
+            accepted,
+            stamp: Stamp {
+                id: MessageId(0),
+                seq: 0,
+            },
+            skip: false,
+        }
+    }
 }
 
 /// The kill switch of a connection: a reason and a token its task watches.
@@ -228,22 +255,35 @@ impl Registry {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Queues `payload` (a push accepted at `accepted`) on every connection of `user` (of
-    /// `channel` when given); returns how many took it.
+    /// Queues `payload` (a push accepted at `accepted`, at `stamp` in the user's stream) on
+    /// every connection of `user` (of `channel` when given); returns how many took it. The
+    /// user's connections of other channel types learn that the position is taken, so that
+    /// they do not wait for it.
     pub fn deliver(
         &self,
         user: &str,
         channel: Option<&str>,
+        stamp: Stamp,
         payload: &Bytes,
         accepted: Instant,
     ) -> u32 {
         let mut connections = 0;
-        self.for_each_of_user(user, channel, |conn| {
+        self.for_each_of_user(user, None, |conn| {
+            let wanted = channel.is_none_or(|ch| *conn.channel == *ch);
+            if !wanted && stamp.seq == 0 {
+                return;
+            }
             let frame = Outbound {
-                payload: payload.clone(),
+                payload: if wanted {
+                    payload.clone()
+                } else {
+                    Bytes::new()
+                },
                 accepted: Some(accepted),
+                stamp,
+                skip: !wanted,
             };
-            if conn.offer(frame) {
+            if conn.offer(frame) && wanted {
                 connections += 1;
             }
         });
@@ -255,10 +295,7 @@ impl Registry {
         let accepted = Instant::now();
         let mut reached = 0;
         self.for_each(channel, |conn| {
-            let frame = Outbound {
-                payload: payload.clone(),
-                accepted: Some(accepted),
-            };
+            let frame = Outbound::unsequenced(payload.clone(), Some(accepted));
             if conn.offer(frame) {
                 reached += 1;
             }
@@ -283,8 +320,8 @@ impl Registry {
 
 /// What the cluster asks of this node when another node addresses it: the local map answers.
 impl crate::cluster::LocalNode for Registry {
-    fn deliver_local(&self, user: &str, channel: Option<&str>, push: Bytes) -> u32 {
-        self.deliver(user, channel, &push, Instant::now())
+    fn deliver_local(&self, user: &str, channel: Option<&str>, stamp: Stamp, push: Bytes) -> u32 {
+        self.deliver(user, channel, stamp, &push, Instant::now())
     }
 
     fn broadcast_local(&self, channel: Option<&str>, push: Bytes) -> usize {
@@ -379,10 +416,7 @@ mod tests {
     #[test]
     fn full_outbox_kicks_slow_consumer() {
         let (c, _rx) = conn("a", "app");
-        let frame = || Outbound {
-            payload: Bytes::from_static(b"{}"),
-            accepted: None,
-        };
+        let frame = || Outbound::unsequenced(Bytes::from_static(b"{}"), None);
         assert!(c.offer(frame()));
         assert!(!c.offer(frame()));
         assert_eq!(c.control.reason(), Some(KickReason::SlowConsumer));

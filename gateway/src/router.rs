@@ -15,7 +15,7 @@ use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::ids::IdGenerator;
 use crate::metrics::HotMetrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, Stamp};
 use crate::store::{DeliveryState, NewMessage, Store, StoreError, WritePermit};
 
 /// A message accepted by this node.
@@ -61,6 +61,7 @@ impl Delivery {
 /// queue and has been queued on local connections.
 pub struct Submission {
     row: NewMessage,
+    stamp: Stamp,
     permit: WritePermit,
     payload: bytes::Bytes,
     local: u32,
@@ -74,6 +75,10 @@ pub struct Router {
     store: Store,
     cluster: Cluster,
 }
+
+/// Longest wait for the database when a stream counter must start from it (a user's first
+/// message since the counter was created or expired); then the message is refused.
+const FLOOR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Checks a user id, device id or client message id: 1 to [`MAX_ID_LEN`] bytes.
 pub fn valid_id(s: &str) -> bool {
@@ -192,6 +197,7 @@ impl Router {
             client_msg_id: msg.client_msg_id.clone(),
             created_at_ms: msg.ts_ms,
             state: DeliveryState::Pending,
+            seq: 0,
         };
         if let Err(e) = self.store.check(&row) {
             return Err(self.refused(store_error_code(&e)));
@@ -200,19 +206,51 @@ impl Router {
             Ok(permit) => permit,
             Err(e) => return Err(self.refused(store_error_code(&e))),
         };
+        // The position is taken once the row is sure to be written (its place is reserved), so
+        // that positions have no gaps unless the node crashes before the commit.
+        let floor = || async {
+            // Its own task: a read given up on is not cut off mid-query.
+            let (store, to) = (self.store.clone(), msg.to.clone());
+            let read = tokio::spawn(async move { store.stream_head(&to).await });
+            match tokio::time::timeout(FLOOR_TIMEOUT, read).await {
+                Ok(Ok(Ok(head))) => Ok(head),
+                failed => {
+                    tracing::warn!(?failed, "cannot read the stream head");
+                    Err(crate::cluster::ClusterError::Unavailable)
+                }
+            }
+        };
+        let mut row = row;
+        row.seq = match self.cluster.next_seq(&msg.to, floor).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::warn!(error = %e, to = %msg.to, "no stream position; message refused");
+                return Err(self.refused(ErrorCode::Unavailable));
+            }
+        };
+        let stamp = Stamp {
+            id: msg.id,
+            seq: row.seq,
+        };
         let payload = encode_push(
             msg.id,
+            Some(row.seq),
             msg.from.as_deref(),
             &msg.to,
             msg.channel.as_deref(),
             msg.body.as_raw(),
             msg.ts_ms,
         );
-        let local = self
-            .registry
-            .deliver(&msg.to, msg.channel.as_deref(), &payload, msg.accepted);
+        let local = self.registry.deliver(
+            &msg.to,
+            msg.channel.as_deref(),
+            stamp,
+            &payload,
+            msg.accepted,
+        );
         Ok(Submission {
             row,
+            stamp,
             permit,
             payload,
             local,
@@ -224,6 +262,7 @@ impl Router {
     pub async fn finish(&self, s: Submission) -> Delivery {
         let Submission {
             mut row,
+            stamp,
             permit,
             payload,
             local,
@@ -232,7 +271,7 @@ impl Router {
         if self.cluster.is_clustered() {
             let remote = self
                 .cluster
-                .deliver_remote(&row.recipient, row.channel.as_deref(), payload)
+                .deliver_remote(&row.recipient, row.channel.as_deref(), stamp, payload)
                 .await;
             connections += remote.connections;
         }
@@ -280,6 +319,7 @@ impl Router {
         let id = self.next_id();
         let payload = encode_push(
             id,
+            None,
             from,
             BROADCAST_TO,
             channel,

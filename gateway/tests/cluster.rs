@@ -17,12 +17,19 @@ use imgate::cluster::{
 };
 use imgate::config::{DuplicateLoginPolicy, RoutingMode, Secret, Settings};
 use imgate::ids::IdGenerator;
+use imgate::registry::Stamp;
 use imgate_shared::KickReason;
 
 const NODE_TTL_MS: u64 = 1_500;
 const REFRESH_MS: u64 = 300;
 /// Upper bound on waiting for something that should happen; generous for a loaded machine.
 const WAIT: Duration = Duration::from_secs(15);
+
+/// The stamp of the pushes these tests deliver (the cluster passes it through untouched).
+const STAMP: Stamp = Stamp {
+    id: imgate_shared::MessageId(1),
+    seq: 1,
+};
 
 fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -106,7 +113,7 @@ impl FakeNode {
 }
 
 impl LocalNode for FakeNode {
-    fn deliver_local(&self, user: &str, channel: Option<&str>, push: Bytes) -> u32 {
+    fn deliver_local(&self, user: &str, channel: Option<&str>, _stamp: Stamp, push: Bytes) -> u32 {
         let conns = self.conns.lock().unwrap();
         let mut n = 0;
         for c in conns.iter().filter(|c| c.user == user) {
@@ -277,7 +284,9 @@ async fn routed_delivery_reaches_only_the_nodes_holding_the_user() {
 
     let p = push("hello bob");
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, p.clone()).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, p.clone())
+            .await,
         FULL(2)
     );
     let got = b.fake.delivered();
@@ -293,23 +302,25 @@ async fn routed_delivery_reaches_only_the_nodes_holding_the_user() {
 
     assert_eq!(
         a.cluster
-            .deliver_remote("bob", Some("web"), push("web only"))
+            .deliver_remote("bob", Some("web"), STAMP, push("web only"))
             .await,
         FULL(1)
     );
     assert_eq!(
         a.cluster
-            .deliver_remote("bob", Some("pc"), push("nobody"))
+            .deliver_remote("bob", Some("pc"), STAMP, push("nobody"))
             .await,
         FULL(0)
     );
     assert_eq!(
-        a.cluster.deliver_remote("nobody", None, push("x")).await,
+        a.cluster
+            .deliver_remote("nobody", None, STAMP, push("x"))
+            .await,
         FULL(0)
     );
     assert_eq!(
         c.cluster
-            .deliver_remote("carol", None, push("own node"))
+            .deliver_remote("carol", None, STAMP, push("own node"))
             .await,
         FULL(0),
         "the caller's own node is skipped"
@@ -318,7 +329,9 @@ async fn routed_delivery_reaches_only_the_nodes_holding_the_user() {
     // The user left node c between the presence lookup and the message's arrival: c answers 0.
     c.fake.disconnect(1);
     assert_eq!(
-        a.cluster.deliver_remote("carol", None, push("gone")).await,
+        a.cluster
+            .deliver_remote("carol", None, STAMP, push("gone"))
+            .await,
         FULL(0)
     );
     cleanup(&redis_url(), &prefix, &nodes).await;
@@ -335,7 +348,9 @@ async fn broadcast_mode_delivery_reaches_the_node_holding_the_user() {
 
     let p = push("hello bob");
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, p.clone()).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, p.clone())
+            .await,
         FULL(2)
     );
     assert_eq!(b.fake.delivered().len(), 2);
@@ -346,16 +361,20 @@ async fn broadcast_mode_delivery_reaches_the_node_holding_the_user() {
     );
     assert_eq!(
         a.cluster
-            .deliver_remote("bob", Some("app"), push("app"))
+            .deliver_remote("bob", Some("app"), STAMP, push("app"))
             .await,
         FULL(1)
     );
     assert_eq!(
-        a.cluster.deliver_remote("nobody", None, push("x")).await,
+        a.cluster
+            .deliver_remote("nobody", None, STAMP, push("x"))
+            .await,
         FULL(0)
     );
     assert_eq!(
-        b.cluster.deliver_remote("carol", None, push("to c")).await,
+        b.cluster
+            .deliver_remote("carol", None, STAMP, push("to c"))
+            .await,
         FULL(1)
     );
     cleanup(&redis_url(), &prefix, &nodes).await;
@@ -408,7 +427,9 @@ async fn a_receiver_that_does_not_answer_makes_the_delivery_incomplete() {
     let (a, b) = (&nodes[0], &nodes[1]);
     b.fake.connect("bob", "app", 1);
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, push("x")).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, push("x"))
+            .await,
         FULL(1)
     );
 
@@ -434,7 +455,10 @@ async fn a_receiver_that_does_not_answer_makes_the_delivery_incomplete() {
     let _: fred::prelude::Value = silent.ping(None).await.unwrap();
     assert_eq!(subscribers().await, 3);
     let t = Instant::now();
-    let r = a.cluster.deliver_remote("bob", None, push("y")).await;
+    let r = a
+        .cluster
+        .deliver_remote("bob", None, STAMP, push("y"))
+        .await;
     let waited = t.elapsed();
     assert_eq!(
         r,
@@ -670,11 +694,15 @@ async fn racing_duplicate_logins_leave_exactly_one_connection() {
     )
     .await;
     assert_eq!(
-        a.cluster.deliver_remote("barrier-b", None, push("x")).await,
+        a.cluster
+            .deliver_remote("barrier-b", None, STAMP, push("x"))
+            .await,
         FULL(1)
     );
     assert_eq!(
-        b.cluster.deliver_remote("barrier-a", None, push("x")).await,
+        b.cluster
+            .deliver_remote("barrier-a", None, STAMP, push("x"))
+            .await,
         FULL(1)
     );
     for (winner, user) in &survivors {
@@ -835,7 +863,9 @@ async fn a_node_that_dies_vanishes_from_nodes_and_presence_within_the_ttl() {
     let gone_after = died.elapsed();
     eprintln!("node c vanished after {gone_after:?} (TTL {NODE_TTL_MS} ms)");
     assert_eq!(
-        a.cluster.deliver_remote("dave", None, push("x")).await,
+        a.cluster
+            .deliver_remote("dave", None, STAMP, push("x"))
+            .await,
         FULL(0)
     );
     let ids: Vec<String> = nodes[1]
@@ -879,7 +909,9 @@ async fn a_node_whose_registration_vanished_registers_itself_and_its_presence_ag
     .await;
     assert_eq!(a.cluster.nodes().await.unwrap().len(), 2);
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, push("y")).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, push("y"))
+            .await,
         FULL(1)
     );
     let _ = client.quit().await;
@@ -1001,7 +1033,7 @@ async fn leaving_removes_the_node_and_its_presence_at_once() {
         Err(ClusterError::Unavailable)
     ));
     assert_eq!(
-        b.cluster.deliver_remote("x", None, push("x")).await,
+        b.cluster.deliver_remote("x", None, STAMP, push("x")).await,
         RemoteDelivery {
             connections: 0,
             complete: false
@@ -1015,7 +1047,7 @@ async fn leaving_removes_the_node_and_its_presence_at_once() {
 fn operations_are_send(c: &Cluster, conn: &LocalConnection, s: &Settings) {
     fn send<T: Send>(_: T) {}
     send(Cluster::start(s, Arc::new(FakeNode::default())));
-    send(c.deliver_remote("u", None, Bytes::new()));
+    send(c.deliver_remote("u", None, STAMP, Bytes::new()));
     send(c.broadcast_remote(None, Bytes::new()));
     send(c.kick_remote("u", None, KickReason::Admin));
     send(c.register(conn, DuplicateLoginPolicy::KickOld));
@@ -1041,7 +1073,7 @@ async fn embedded_mode_needs_no_redis() {
         RegisterOutcome::Registered
     );
     assert_eq!(
-        cluster.deliver_remote("bob", None, push("x")).await,
+        cluster.deliver_remote("bob", None, STAMP, push("x")).await,
         FULL(0)
     );
     assert_eq!(cluster.broadcast_remote(None, push("x")).await, FULL(0));
@@ -1172,7 +1204,9 @@ async fn nodes_recover_after_a_redis_restart() {
     )
     .await;
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, push("before")).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, push("before"))
+            .await,
         FULL(1)
     );
 
@@ -1193,7 +1227,7 @@ async fn nodes_recover_after_a_redis_restart() {
     wait_for("cross-node delivery to work again", WAIT, || async {
         let r = a
             .cluster
-            .deliver_remote("bob", None, push("resubscribed"))
+            .deliver_remote("bob", None, STAMP, push("resubscribed"))
             .await;
         (r == FULL(1)).then_some(())
     })
@@ -1206,7 +1240,10 @@ async fn nodes_recover_after_a_redis_restart() {
     })
     .await;
     let t = Instant::now();
-    let r = a.cluster.deliver_remote("bob", None, push("during")).await;
+    let r = a
+        .cluster
+        .deliver_remote("bob", None, STAMP, push("during"))
+        .await;
     assert_eq!(
         r,
         RemoteDelivery {
@@ -1295,12 +1332,14 @@ async fn nodes_recover_after_a_redis_restart() {
         .collect();
     assert_eq!(ids, vec!["a", "b"]);
     assert_eq!(
-        a.cluster.deliver_remote("bob", None, push("after")).await,
+        a.cluster
+            .deliver_remote("bob", None, STAMP, push("after"))
+            .await,
         FULL(1)
     );
     assert_eq!(
         a.cluster
-            .deliver_remote("rita", Some("web"), push("after"))
+            .deliver_remote("rita", Some("web"), STAMP, push("after"))
             .await,
         FULL(1)
     );

@@ -10,9 +10,16 @@ use imgate_shared::protocol::HeartbeatRange;
 use imgate_shared::{ClientFrame, ServerFrame};
 use tokio::time::Instant;
 
-async fn login_with_range(node: &TestNode, min_ms: u64, max_ms: u64) -> (Client, u64, u64) {
+/// Logs in and waits until the device has caught up (its replay reads the store, real I/O
+/// that must happen before the test pauses time). Returns the client, the negotiated interval
+/// and idle timeout, and when the login was answered.
+async fn login_with_range(
+    node: &TestNode,
+    min_ms: u64,
+    max_ms: u64,
+) -> (Client, u64, u64, Instant) {
     let mut c = Client::connect(&node.tcp()).await;
-    match c
+    let (hb, idle) = match c
         .login(
             &node.token("alice"),
             "app",
@@ -24,9 +31,14 @@ async fn login_with_range(node: &TestNode, min_ms: u64, max_ms: u64) -> (Client,
             heartbeat_ms,
             idle_timeout_ms,
             ..
-        } => (c, heartbeat_ms, idle_timeout_ms),
+        } => (heartbeat_ms, idle_timeout_ms),
         other => panic!("{other:?}"),
-    }
+    };
+    let answered = Instant::now();
+    c.see_caught_up = true;
+    assert!(matches!(c.recv().await, Some(ServerFrame::CaughtUp { .. })));
+    c.see_caught_up = false;
+    (c, hb, idle, answered)
 }
 
 #[tokio::test]
@@ -38,27 +50,22 @@ async fn interval_is_negotiated_within_both_ranges() {
         s.heartbeat.missed = 3;
     })
     .await;
-    // The node starts on the real clock (its store does real I/O); the test then runs on
-    // paused time, which jumps ahead whenever everything waits.
-    tokio::time::pause();
     assert_eq!(login_with_range(&node, 10_000, 20_000).await.1, 20_000);
     assert_eq!(login_with_range(&node, 1_000, 600_000).await.1, 60_000);
     assert_eq!(login_with_range(&node, 1_000, 2_000).await.1, 5_000);
-    let (_, hb, idle) = login_with_range(&node, 120_000, 240_000).await;
+    let (_, hb, idle, _) = login_with_range(&node, 120_000, 240_000).await;
     assert_eq!((hb, idle), (60_000, 180_000));
-    tokio::time::resume();
     node.stop().await;
 }
 
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_missed_intervals() {
     let node = TestNode::start_with(|s| s.heartbeat.missed = 3).await;
-    // The node starts on the real clock (its store does real I/O); the test then runs on
-    // paused time, which jumps ahead whenever everything waits.
+    // The node starts and the client logs in on the real clock (the store does real I/O); the
+    // test then runs on paused time, which jumps ahead whenever everything waits.
+    let (mut c, hb, idle, logged_in) = login_with_range(&node, 10_000, 10_000).await;
     tokio::time::pause();
-    let (mut c, hb, idle) = login_with_range(&node, 10_000, 10_000).await;
     assert_eq!((hb, idle), (10_000, 30_000));
-    let logged_in = Instant::now();
     let bound = Duration::from_millis(2 * idle);
     assert!(c.recv_within(bound).await.is_none(), "closed by the server");
     let silent_for = logged_in.elapsed();
@@ -82,10 +89,10 @@ async fn a_silent_connection_is_closed_after_the_missed_intervals() {
 #[tokio::test]
 async fn heartbeats_keep_a_connection_alive() {
     let node = TestNode::start().await;
-    // The node starts on the real clock (its store does real I/O); the test then runs on
-    // paused time, which jumps ahead whenever everything waits.
+    // The node starts and the client logs in on the real clock (the store does real I/O); the
+    // test then runs on paused time, which jumps ahead whenever everything waits.
+    let (mut c, hb, idle, _) = login_with_range(&node, 10_000, 10_000).await;
     tokio::time::pause();
-    let (mut c, hb, idle) = login_with_range(&node, 10_000, 10_000).await;
     let started = Instant::now();
     // Heartbeat at interval - 1 s, as clients should, for twice the idle timeout.
     while started.elapsed() < Duration::from_millis(2 * idle) {
@@ -105,6 +112,7 @@ async fn heartbeats_keep_a_connection_alive() {
             channel: "app".into(),
             client_version: None,
             heartbeat: None,
+            last_seq: None,
         })
         .await;
         assert!(matches!(c.recv().await, Some(ServerFrame::Error { .. })));

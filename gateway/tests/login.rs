@@ -67,8 +67,16 @@ async fn login_succeeds_over_tcp_and_websocket() {
                 server_time_ms,
                 protocol,
                 idle_timeout_ms,
+                session_expires_at_ms,
+                resumed,
+                cursor,
             } => {
                 assert_eq!(session_id.len(), 32, "128 bits in hex");
+                assert!(!resumed);
+                assert_eq!(cursor, 0, "a new device has received nothing");
+                let ttl = node.settings.delivery.session_ttl_secs * 1000;
+                assert!(session_expires_at_ms >= server_time_ms + ttl - 5_000);
+                assert!(session_expires_at_ms <= server_time_ms + ttl + 5_000);
                 assert_eq!(heartbeat_ms, node.settings.heartbeat.default_ms);
                 assert_eq!(
                     idle_timeout_ms,
@@ -93,6 +101,7 @@ async fn login_error(node: &TestNode, token: String, channel: &str) -> ErrorCode
         channel: channel.into(),
         client_version: None,
         heartbeat: None,
+        last_seq: None,
     })
     .await;
     let code = match c.recv().await {
@@ -248,6 +257,7 @@ async fn login_twice_on_one_connection_is_an_error_but_keeps_it_open() {
         channel: "app".into(),
         client_version: None,
         heartbeat: None,
+        last_seq: None,
     })
     .await;
     assert!(matches!(

@@ -369,8 +369,12 @@ fn message(from: Option<&str>, to: &str, body: &str) -> NewMessage {
         client_msg_id: None,
         created_at_ms: now_ms(),
         state: DeliveryState::Pending,
+        seq: SEQS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     }
 }
+
+/// Stream positions for the rows these tests write (distinct, increasing).
+static SEQS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn with_client_id(mut m: NewMessage, client_msg_id: &str) -> NewMessage {
     m.client_msg_id = Some(client_msg_id.to_owned());
@@ -387,6 +391,7 @@ fn stored(m: &NewMessage) -> StoredMessage {
         client_msg_id: m.client_msg_id.clone(),
         created_at_ms: m.created_at_ms,
         state: m.state,
+        seq: m.seq,
     }
 }
 

@@ -76,6 +76,7 @@ pub fn login(
                 min_ms: ms,
                 max_ms: ms,
             }),
+            last_seq: None,
         }
         .encode()
         .to_vec(),

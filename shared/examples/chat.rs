@@ -8,36 +8,65 @@
 //! ```
 //!
 //! Alice connects to the first endpoint and Bob to the second (they may be different nodes of a
-//! cluster); they exchange a few messages and print what they receive and the receipts.
+//! cluster); they exchange a few messages and print what they receive and the receipts. Each
+//! message shows its position in the recipient's stream (`#seq`). After connecting, each client
+//! first receives what was sent to its user while its device was away (for example through the
+//! admin API between two runs), then `caught up`. If a connection drops, the client resumes its
+//! session and goes on where it stopped.
 
 use imgate_shared::client::{Client, ClientConfig, Event};
 use imgate_shared::connection::Endpoint;
 use imgate_shared::protocol::Body;
 use tokio::sync::mpsc;
 
-async fn wait_connected(name: &str, events: &mut mpsc::Receiver<Event>) {
+/// Prints one event; `true` for a message.
+fn show(name: &str, event: Event) -> bool {
+    match event {
+        Event::Connected {
+            node_id,
+            resumed,
+            cursor,
+            ..
+        } => {
+            let how = if resumed {
+                "resumed on"
+            } else {
+                "connected to"
+            };
+            println!("{name}: {how} {node_id}, replaying after #{cursor}");
+        }
+        Event::Message(m) => {
+            let seq = m.seq.map_or("broadcast".to_owned(), |s| format!("#{s}"));
+            println!(
+                "{name} <- {} ({seq}): {}",
+                m.from.as_deref().unwrap_or("system"),
+                m.body.get()
+            );
+            return true;
+        }
+        Event::Expired { from_seq, to_seq } => {
+            println!("{name}: #{from_seq} to #{to_seq} expired before delivery")
+        }
+        Event::CaughtUp { seq } => println!("{name}: caught up at #{seq}"),
+        Event::LoginFailed { code, message } => panic!("{name}: login failed: {code}: {message}"),
+        other => println!("{name}: {other:?}"),
+    }
+    false
+}
+
+async fn wait_caught_up(name: &str, events: &mut mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
-        match event {
-            Event::Connected { node_id, .. } => {
-                println!("{name}: connected to {node_id}");
-                return;
-            }
-            Event::LoginFailed { code, message } => {
-                panic!("{name}: login failed: {code}: {message}")
-            }
-            other => println!("{name}: {other:?}"),
+        let caught_up = matches!(event, Event::CaughtUp { .. });
+        show(name, event);
+        if caught_up {
+            return;
         }
     }
 }
 
 async fn next_message(name: &str, events: &mut mpsc::Receiver<Event>) {
     while let Some(event) = events.recv().await {
-        if let Event::Message(m) = event {
-            println!(
-                "{name} <- {}: {}",
-                m.from.as_deref().unwrap_or("system"),
-                m.body.get()
-            );
+        if show(name, event) {
             return;
         }
     }
@@ -62,8 +91,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "bob-phone",
         "app",
     ));
-    wait_connected("alice", &mut alice_events).await;
-    wait_connected("bob", &mut bob_events).await;
+    wait_caught_up("alice", &mut alice_events).await;
+    wait_caught_up("bob", &mut bob_events).await;
 
     for (i, text) in ["hi bob", "how are you?", "see you"]
         .into_iter()

@@ -3,10 +3,39 @@
 //! [`Client::start`] runs a background task that connects (over TCP or WebSocket), logs in, keeps
 //! heartbeats going and reconnects by itself with exponential backoff and jitter, choosing a node
 //! from the gateway's `GET /api/v1/alloc` when an alloc URL is given. Incoming messages arrive as
-//! [`Event`]s on a stream; each is acknowledged to the server when it is handed to the
-//! application, and duplicates (the same message id seen again, e.g. after a reconnect) are
-//! dropped. [`Client::send`] resolves to the server's receipt; a send whose receipt was lost to a
-//! disconnect is sent again, with the same client message id, after the reconnect.
+//! [`Event`]s on a stream. [`Client::send`] resolves to the server's receipt; a send whose receipt
+//! was lost to a disconnect is sent again, with the same client message id, after the reconnect.
+//!
+//! # Reliable delivery
+//!
+//! Every message addressed to the user has a position (`seq`) in the user's stream. The client
+//! remembers the highest position it has handed to the application ([`Client::last_seq`]) and
+//! the latest session id ([`Client::session_id`]), across reconnects:
+//!
+//! - **Reconnects resume.** With a session id in hand the client opens the new connection with
+//!   `resume` (no token needed, any node); the server answers with a new session id, which the
+//!   client keeps. If the session has expired or was revoked (`SESSION_EXPIRED`,
+//!   `INVALID_DEVICE`), the client forgets it and logs in again with its token at once. Without a
+//!   session (or with [`ClientConfig::resume`] off) it logs in. Both carry `last_seq`.
+//! - **Catch-up.** After [`Event::Connected`] the server replays what the device missed, in order:
+//!   perhaps [`Event::Expired`] (positions past the server's retention, never delivered), then the
+//!   missed messages, then [`Event::CaughtUp`]; live messages follow.
+//! - **Exactly once, in order.** A message whose `seq` is not above the last one handed over is a
+//!   duplicate (a retransmission, or an overlap of replay and live delivery): it is dropped and
+//!   acknowledged again. Positions may jump (messages addressed to another channel type of the
+//!   user, positions the server gave up as never stored); that is not a loss.
+//! - **Acknowledgements** are cumulative (`ack {seq}`: everything up to that position). A message
+//!   counts as received once it is handed to the application, that is put on the event stream:
+//!   events still queued there when the process dies may not be delivered again. Acks are
+//!   coalesced: one goes out as soon as no further frame is waiting to be read, after at most
+//!   32 messages, and before the client waits for a full event stream to drain, so the server's
+//!   window of unacknowledged messages never stalls. Keep reading events: an application that
+//!   stops reading stops the acks too, and the server eventually drops the connection
+//!   (`ack_timeout`), after which the client resumes.
+//! - An application that saves its messages can save [`Client::last_seq`] with them and pass it
+//!   back in [`ClientConfig::last_seq`] after a restart.
+//! - Broadcasts carry no `seq` and need no acknowledgement; duplicates of them (the same message
+//!   id, among the last 10000 seen) are dropped.
 //!
 //! ```no_run
 //! use imgate_shared::client::{Client, ClientConfig, Event};
@@ -19,24 +48,37 @@
 //! let receipt = client.send("bob", Body::from_value(&"hello")?).await?;
 //! println!("{:?}", receipt.status);
 //! while let Some(event) = events.recv().await {
-//!     if let Event::Message(m) = event {
-//!         println!("{:?}: {}", m.from, m.body.get());
+//!     match event {
+//!         Event::Connected { resumed, cursor, .. } => println!("connected (resumed {resumed}) at {cursor}"),
+//!         Event::CaughtUp { seq } => println!("caught up at {seq}"),
+//!         Event::Message(m) => println!("#{:?} {:?}: {}", m.seq, m.from, m.body.get()),
+//!         _ => {}
 //!     }
 //! }
 //! # Ok(()) }
 //! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep_until, Instant};
 
 use crate::connection::{ClientConnection, ConnectionError, Endpoint};
 use crate::protocol::{Body, ErrorCode, HeartbeatRange, KickReason, MessageId, SendStatus};
 use crate::{ClientFrame, ServerFrame};
+
+/// Stream messages handed to the application before an acknowledgement goes out even though
+/// more frames are waiting.
+const ACK_EVERY: u32 = 32;
+
+/// Broadcast ids remembered to drop duplicates.
+const SEEN_BROADCASTS: usize = 10_000;
 
 /// Reconnect backoff: exponential from `initial` to `max`, each delay randomised by ±`jitter`.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +115,13 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// Longest wait for a receipt before the send fails with [`ClientError::Timeout`].
     pub send_timeout: Duration,
+    /// Reconnect with `resume` (the session id of the last `login_result`, no token) rather than
+    /// a fresh `login`. Default `true`.
+    pub resume: bool,
+    /// The highest stream position the application already holds, e.g. saved from
+    /// [`Client::last_seq`] by an earlier run; messages up to it are not handed over again.
+    /// Default 0 (the server's record of this device decides).
+    pub last_seq: u64,
 }
 
 impl ClientConfig {
@@ -95,6 +144,8 @@ impl ClientConfig {
             },
             backoff: Backoff::default(),
             send_timeout: Duration::from_secs(30),
+            resume: true,
+            last_seq: 0,
         }
     }
 }
@@ -103,6 +154,8 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub struct Message {
     pub id: MessageId,
+    /// The message's position in the user's stream; `None` for broadcasts.
+    pub seq: Option<u64>,
     pub from: Option<String>,
     pub to: String,
     pub channel: Option<String>,
@@ -113,14 +166,28 @@ pub struct Message {
 /// What happens on a client's connection, in order.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Logged in on `node_id`.
-    Connected { node_id: String, session_id: String },
-    /// A message, handed over once per id.
+    /// Logged in on `node_id`, or resumed the previous session there when `resumed`.
+    /// `session_id` is the session's new id; `cursor` is the stream position the server replays
+    /// after (what follows is missed messages, then [`Event::CaughtUp`]).
+    Connected {
+        node_id: String,
+        session_id: String,
+        resumed: bool,
+        cursor: u64,
+    },
+    /// A message, handed over once: stream messages in increasing `seq` order, broadcasts once
+    /// per id.
     Message(Message),
+    /// Stream positions `from_seq` to `to_seq` were past the server's retention and will never be
+    /// delivered.
+    Expired { from_seq: u64, to_seq: u64 },
+    /// Every missed message up to `seq` has been handed over; what follows is live.
+    CaughtUp { seq: u64 },
     /// The connection dropped; the client reconnects by itself.
     Disconnected { reason: String },
     /// The server kicked this client. After `duplicate_login` the client stops (another login of
-    /// the same user and channel type took over); after other reasons it reconnects.
+    /// the same user and channel type took over); after other reasons it reconnects (after
+    /// `admin`, with a fresh login: the session was revoked).
     Kicked { reason: KickReason },
     /// Login was refused with `code`; the client stops (a new token is needed).
     LoginFailed { code: ErrorCode, message: String },
@@ -156,11 +223,19 @@ enum Command {
     Close { done: oneshot::Sender<()> },
 }
 
+/// What the background task shows to the handles.
+#[derive(Default)]
+struct Shared {
+    session: Mutex<Option<String>>,
+    last_seq: AtomicU64,
+}
+
 /// A handle to a running client; dropping every handle stops it.
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
     send_timeout: Duration,
+    shared: Arc<Shared>,
 }
 
 impl Client {
@@ -169,11 +244,14 @@ impl Client {
         let (commands, rx) = mpsc::channel(256);
         let (events_tx, events) = mpsc::channel(1024);
         let send_timeout = config.send_timeout;
-        tokio::spawn(run(config, rx, events_tx));
+        let shared = Arc::new(Shared::default());
+        shared.last_seq.store(config.last_seq, Ordering::Relaxed);
+        tokio::spawn(run(config, rx, events_tx, shared.clone()));
         (
             Client {
                 commands,
                 send_timeout,
+                shared,
             },
             events,
         )
@@ -208,6 +286,20 @@ impl Client {
         }
     }
 
+    /// The id of the current session (the one a reconnect would resume), if any.
+    pub fn session_id(&self) -> Option<String> {
+        self.shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The highest stream position handed to the application (or known to be past).
+    pub fn last_seq(&self) -> u64 {
+        self.shared.last_seq.load(Ordering::Relaxed)
+    }
+
     /// Logs out, waits until the logout is written, and stops the client.
     pub async fn close(&self) {
         let (done, written) = oneshot::channel();
@@ -239,6 +331,10 @@ impl SeenIds {
         }
     }
 
+    fn contains(&self, id: MessageId) -> bool {
+        self.set.contains(&id)
+    }
+
     /// `true` the first time `id` is seen.
     fn first_time(&mut self, id: MessageId) -> bool {
         if !self.set.insert(id) {
@@ -254,14 +350,133 @@ impl SeenIds {
     }
 }
 
+/// The receiving side of the stream: decides which pushes reach the application and what to
+/// acknowledge. Survives reconnects; [`Inbox::connected`] starts each connection.
+struct Inbox {
+    /// The highest stream position handed to the application (or skipped as the server said).
+    last_seq: u64,
+    /// Something to acknowledge on this connection: a new position, or a duplicate.
+    ack_pending: bool,
+    /// Stream messages handed over since the last acknowledgement.
+    since_ack: u32,
+    /// Broadcasts already handed over.
+    seen: SeenIds,
+}
+
+impl Inbox {
+    fn new(last_seq: u64, seen_cap: usize) -> Self {
+        Inbox {
+            last_seq,
+            ack_pending: false,
+            since_ack: 0,
+            seen: SeenIds::new(seen_cap),
+        }
+    }
+
+    /// A new connection was accepted at `cursor`: the server counts everything up to it, and up to
+    /// the `last_seq` the client presented, as received, so nothing is left to acknowledge.
+    fn connected(&mut self, cursor: u64) {
+        self.last_seq = self.last_seq.max(cursor);
+        self.ack_pending = false;
+        self.since_ack = 0;
+    }
+
+    /// Whether a push is new to the application. A stream duplicate is to be acknowledged again
+    /// (the server resent it because it missed the ack); a broadcast duplicate is just dropped.
+    fn is_new(&mut self, id: MessageId, seq: Option<u64>) -> bool {
+        match seq {
+            Some(seq) if seq <= self.last_seq => {
+                self.ack_pending |= self.last_seq > 0;
+                false
+            }
+            Some(_) => true,
+            None => !self.seen.contains(id),
+        }
+    }
+
+    /// A push that [`Inbox::is_new`] accepted was handed to the application.
+    fn delivered(&mut self, id: MessageId, seq: Option<u64>) {
+        match seq {
+            Some(seq) => {
+                self.last_seq = self.last_seq.max(seq);
+                self.ack_pending = true;
+                self.since_ack += 1;
+            }
+            None => {
+                self.seen.first_time(id);
+            }
+        }
+    }
+
+    /// Positions up to `to_seq` will never come; the server has already moved past them.
+    fn expired(&mut self, to_seq: u64) {
+        self.last_seq = self.last_seq.max(to_seq);
+    }
+
+    /// Whether an acknowledgement is waiting to go out.
+    fn ack_due(&self) -> bool {
+        self.ack_pending
+    }
+
+    /// Whether enough messages were handed over to acknowledge without waiting for a pause.
+    fn ack_now(&self) -> bool {
+        self.ack_pending && self.since_ack >= ACK_EVERY
+    }
+
+    /// The position to acknowledge (cumulatively), if any; counts it as sent.
+    fn take_ack(&mut self) -> Option<u64> {
+        if !self.ack_pending {
+            return None;
+        }
+        self.ack_pending = false;
+        self.since_ack = 0;
+        Some(self.last_seq)
+    }
+}
+
 struct State {
     config: ClientConfig,
     events: mpsc::Sender<Event>,
+    shared: Arc<Shared>,
     pending: HashMap<String, PendingSend>,
-    seen: SeenIds,
+    inbox: Inbox,
+    /// The latest session id, presented by the next connection's `resume`.
+    session: Option<String>,
+    /// The server answered `resume` as an unknown frame: log in from now on.
+    resume_unsupported: bool,
     next_msg: u64,
     instance: u64,
     rng: u64,
+}
+
+impl State {
+    fn set_session(&mut self, session: Option<String>) {
+        *self
+            .shared
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = session.clone();
+        self.session = session;
+    }
+
+    fn forget_session(&mut self) {
+        self.set_session(None);
+    }
+
+    /// The session to resume on the next connection, if resuming is on. An expired one is
+    /// presented too: the server decides, and a refusal costs one round trip.
+    fn session_to_resume(&self) -> Option<String> {
+        if !self.config.resume || self.resume_unsupported {
+            return None;
+        }
+        self.session.clone()
+    }
+
+    fn publish_last_seq(&self) {
+        self.shared
+            .last_seq
+            .store(self.inbox.last_seq, Ordering::Relaxed);
+    }
 }
 
 /// Why a session ended.
@@ -270,6 +485,8 @@ enum SessionEnd {
     Retry(String),
     /// Reconnect at once (a little jitter only): the node is going away, not failing.
     RetrySoon(String),
+    /// The session could not be resumed: log in at once, on a new connection.
+    Relogin,
     /// Stop the client.
     Stop,
 }
@@ -278,6 +495,7 @@ async fn run(
     config: ClientConfig,
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
+    shared: Arc<Shared>,
 ) {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -285,10 +503,13 @@ async fn run(
         .unwrap_or(1)
         | 1;
     let mut state = State {
+        inbox: Inbox::new(config.last_seq, SEEN_BROADCASTS),
         config,
         events,
+        shared,
         pending: HashMap::new(),
-        seen: SeenIds::new(10_000),
+        session: None,
+        resume_unsupported: false,
         next_msg: 0,
         instance: seed,
         rng: seed,
@@ -309,6 +530,8 @@ async fn run(
         let soon = matches!(end, SessionEnd::RetrySoon(_));
         match end {
             SessionEnd::Stop => return,
+            // Not a failure of the node: log in right away.
+            SessionEnd::Relogin => continue,
             SessionEnd::Retry(reason) | SessionEnd::RetrySoon(reason) => {
                 if state
                     .events
@@ -332,7 +555,7 @@ async fn run(
         let wake = Instant::now() + delay;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(wake) => break,
+                _ = sleep_until(wake) => break,
                 cmd = commands.recv() => match cmd {
                     None | Some(Command::Close { .. }) => return,
                     Some(Command::Send { to, channel, body, reply }) => {
@@ -438,56 +661,109 @@ pub async fn alloc(url: &str, websocket: bool) -> Result<Vec<Endpoint>, Connecti
         .collect())
 }
 
-/// One connection: login, then frames, heartbeats and commands until it ends.
+/// What wakes a session up.
+enum Input {
+    Frame(Result<Option<ServerFrame>, ConnectionError>),
+    Command(Option<Command>),
+    Heartbeat,
+    /// Nothing else is ready: the acknowledgement that is due goes out before the client waits.
+    Idle,
+}
+
+async fn next_input(
+    conn: &mut ClientConnection,
+    commands: &mut mpsc::Receiver<Command>,
+    heartbeat_at: Instant,
+) -> Input {
+    tokio::select! {
+        frame = conn.recv() => Input::Frame(frame),
+        cmd = commands.recv() => Input::Command(cmd),
+        _ = sleep_until(heartbeat_at) => Input::Heartbeat,
+    }
+}
+
+/// One connection: login or resume, then frames, heartbeats and commands until it ends.
 async fn session(
     state: &mut State,
     mut conn: ClientConnection,
     commands: &mut mpsc::Receiver<Command>,
     attempt: &mut u32,
 ) -> SessionEnd {
-    let login = ClientFrame::Login {
-        token: state.config.token.clone(),
-        device_id: state.config.device_id.clone(),
-        channel: state.config.channel.clone(),
-        client_version: Some(concat!("imgate-client-rs/", env!("CARGO_PKG_VERSION")).into()),
-        heartbeat: Some(state.config.heartbeat),
+    let client_version = Some(concat!("imgate-client-rs/", env!("CARGO_PKG_VERSION")).to_owned());
+    let last_seq = state.inbox.last_seq;
+    let resuming = state.session_to_resume();
+    let hello = match &resuming {
+        Some(session_id) => ClientFrame::Resume {
+            session_id: session_id.clone(),
+            device_id: state.config.device_id.clone(),
+            last_seq: Some(last_seq),
+            client_version,
+            heartbeat: Some(state.config.heartbeat),
+        },
+        None => ClientFrame::Login {
+            token: state.config.token.clone(),
+            device_id: state.config.device_id.clone(),
+            channel: state.config.channel.clone(),
+            client_version,
+            heartbeat: Some(state.config.heartbeat),
+            last_seq: (last_seq > 0).then_some(last_seq),
+        },
     };
-    if let Err(e) = conn.send(&login).await {
+    if let Err(e) = conn.send(&hello).await {
         return SessionEnd::Retry(e.to_string());
     }
     let heartbeat_ms = match tokio::time::timeout(Duration::from_secs(15), conn.recv()).await {
         Ok(Ok(Some(ServerFrame::LoginResult {
+            session_id,
+            resumed,
+            cursor,
             heartbeat_ms,
             node_id,
-            session_id,
             ..
         }))) => {
             *attempt = 0;
-            if state
-                .events
-                .send(Event::Connected {
-                    node_id,
-                    session_id,
-                })
-                .await
-                .is_err()
-            {
+            state.set_session(Some(session_id.clone()));
+            state.inbox.connected(cursor);
+            state.publish_last_seq();
+            let connected = Event::Connected {
+                node_id,
+                session_id,
+                resumed,
+                cursor,
+            };
+            if state.events.send(connected).await.is_err() {
                 return SessionEnd::Stop;
             }
             heartbeat_ms
         }
         Ok(Ok(Some(ServerFrame::Error { error, message, .. }))) => {
-            return if matches!(error, ErrorCode::ServerFull | ErrorCode::ShuttingDown) {
-                SessionEnd::Retry(message)
-            } else {
-                let _ = state
-                    .events
-                    .send(Event::LoginFailed {
-                        code: error,
-                        message,
-                    })
-                    .await;
-                SessionEnd::Stop
+            return match error {
+                // Conditions of the node, not of this client: try again (perhaps elsewhere).
+                ErrorCode::ServerFull
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Internal
+                | ErrorCode::Unavailable => SessionEnd::Retry(message),
+                // The session is gone (expired, revoked, another device's): log in with the token.
+                ErrorCode::SessionExpired | ErrorCode::InvalidDevice if resuming.is_some() => {
+                    state.forget_session();
+                    SessionEnd::Relogin
+                }
+                // A server that does not know `resume`: log in, now and from now on.
+                ErrorCode::BadFrame | ErrorCode::LoginRequired if resuming.is_some() => {
+                    state.forget_session();
+                    state.resume_unsupported = true;
+                    SessionEnd::Relogin
+                }
+                _ => {
+                    let _ = state
+                        .events
+                        .send(Event::LoginFailed {
+                            code: error,
+                            message,
+                        })
+                        .await;
+                    SessionEnd::Stop
+                }
             };
         }
         Ok(Ok(other)) => return SessionEnd::Retry(format!("unexpected login reply {other:?}")),
@@ -504,74 +780,131 @@ async fn session(
     let interval = Duration::from_millis(heartbeat_ms.saturating_sub(1_000).max(500));
     let mut next_heartbeat = Instant::now() + interval;
     loop {
-        tokio::select! {
-            frame = conn.recv() => match frame {
-                Ok(Some(frame)) => {
-                    if let Some(end) = on_frame(state, &mut conn, frame).await {
-                        return end;
-                    }
-                }
-                Ok(None) => return SessionEnd::Retry("server closed the connection".into()),
-                Err(e) => return SessionEnd::Retry(e.to_string()),
-            },
-            cmd = commands.recv() => match cmd {
-                None => return SessionEnd::Stop,
-                Some(Command::Close { done }) => {
-                    let _ = conn.send(&ClientFrame::Logout {}).await;
-                    let _ = conn.close().await;
-                    let _ = done.send(());
-                    return SessionEnd::Stop;
-                }
-                Some(Command::Send { to, channel, body, reply }) => {
-                    let id = queue_send(state, to, channel, body, reply);
-                    let frame = state.pending[&id].frame.clone();
-                    if let Err(e) = conn.send(&frame).await {
-                        return SessionEnd::Retry(e.to_string());
-                    }
-                }
-            },
-            _ = sleep(next_heartbeat.saturating_duration_since(Instant::now())) => {
+        let ack_due = state.inbox.ack_due();
+        let input = tokio::select! {
+            biased;
+            input = next_input(&mut conn, commands, next_heartbeat) => input,
+            // Polled only when no frame, command or heartbeat is ready.
+            () = std::future::ready(()), if ack_due => Input::Idle,
+        };
+        let step = match input {
+            Input::Frame(Ok(Some(frame))) => on_frame(state, &mut conn, frame).await,
+            Input::Frame(Ok(None)) => Err(SessionEnd::Retry("server closed the connection".into())),
+            Input::Frame(Err(e)) => Err(SessionEnd::Retry(e.to_string())),
+            Input::Idle => flush_ack(state, &mut conn).await,
+            Input::Heartbeat => {
                 next_heartbeat = Instant::now() + interval;
-                if let Err(e) = conn.send(&ClientFrame::Heartbeat {}).await {
-                    return SessionEnd::Retry(e.to_string());
-                }
+                send(&mut conn, &ClientFrame::Heartbeat {}).await
             }
+            Input::Command(None) => {
+                let _ = flush_ack(state, &mut conn).await;
+                Err(SessionEnd::Stop)
+            }
+            Input::Command(Some(Command::Close { done })) => {
+                let _ = flush_ack(state, &mut conn).await;
+                // The server revokes the session on logout.
+                state.forget_session();
+                let _ = conn.send(&ClientFrame::Logout {}).await;
+                let _ = conn.close().await;
+                let _ = done.send(());
+                Err(SessionEnd::Stop)
+            }
+            Input::Command(Some(Command::Send {
+                to,
+                channel,
+                body,
+                reply,
+            })) => {
+                let id = queue_send(state, to, channel, body, reply);
+                let frame = state.pending[&id].frame.clone();
+                send(&mut conn, &frame).await
+            }
+        };
+        if let Err(end) = step {
+            return end;
         }
     }
+}
+
+async fn send(conn: &mut ClientConnection, frame: &ClientFrame) -> Result<(), SessionEnd> {
+    conn.send(frame)
+        .await
+        .map_err(|e| SessionEnd::Retry(e.to_string()))
+}
+
+/// Sends the cumulative acknowledgement that is due, if any.
+async fn flush_ack(state: &mut State, conn: &mut ClientConnection) -> Result<(), SessionEnd> {
+    match state.inbox.take_ack() {
+        Some(seq) => {
+            let ack = ClientFrame::Ack {
+                seq: Some(seq),
+                id: None,
+            };
+            send(conn, &ack).await
+        }
+        None => Ok(()),
+    }
+}
+
+/// Hands an event to the application. When the application is behind (its event stream is
+/// full), the acknowledgement due goes out before waiting, so the server is not left waiting for
+/// acks of messages that were already handed over.
+async fn emit(
+    state: &mut State,
+    conn: &mut ClientConnection,
+    event: Event,
+) -> Result<(), SessionEnd> {
+    let event = match state.events.try_send(event) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Closed(_)) => return Err(SessionEnd::Stop),
+        Err(TrySendError::Full(event)) => event,
+    };
+    flush_ack(state, conn).await?;
+    state.events.send(event).await.map_err(|_| SessionEnd::Stop)
 }
 
 async fn on_frame(
     state: &mut State,
     conn: &mut ClientConnection,
     frame: ServerFrame,
-) -> Option<SessionEnd> {
+) -> Result<(), SessionEnd> {
     match frame {
         ServerFrame::Push {
             id,
+            seq,
             from,
             to,
             channel,
             body,
             ts,
         } => {
-            if state.seen.first_time(id) {
-                let message = Message {
-                    id,
-                    from,
-                    to,
-                    channel,
-                    body,
-                    ts,
-                };
-                if state.events.send(Event::Message(message)).await.is_err() {
-                    return Some(SessionEnd::Stop);
-                }
+            if !state.inbox.is_new(id, seq) {
+                return Ok(());
             }
-            if let Err(e) = conn.send(&ClientFrame::Ack { id }).await {
-                return Some(SessionEnd::Retry(e.to_string()));
+            let message = Message {
+                id,
+                seq,
+                from,
+                to,
+                channel,
+                body,
+                ts,
+            };
+            emit(state, conn, Event::Message(message)).await?;
+            state.inbox.delivered(id, seq);
+            state.publish_last_seq();
+            if state.inbox.ack_now() {
+                flush_ack(state, conn).await?;
             }
-            None
+            Ok(())
         }
+        ServerFrame::Expired { from_seq, to_seq } => {
+            emit(state, conn, Event::Expired { from_seq, to_seq }).await?;
+            state.inbox.expired(to_seq);
+            state.publish_last_seq();
+            Ok(())
+        }
+        ServerFrame::CaughtUp { seq } => emit(state, conn, Event::CaughtUp { seq }).await,
         ServerFrame::SendResult {
             client_msg_id,
             id,
@@ -587,11 +920,15 @@ async fn on_frame(
                     reason,
                 });
             }
-            None
+            Ok(())
         }
         ServerFrame::Kick { reason, .. } => {
+            // The server revokes the session for these; the next connection logs in.
+            if matches!(reason, KickReason::DuplicateLogin | KickReason::Admin) {
+                state.forget_session();
+            }
             let _ = state.events.send(Event::Kicked { reason }).await;
-            Some(match reason {
+            Err(match reason {
                 KickReason::DuplicateLogin => SessionEnd::Stop,
                 KickReason::Shutdown => SessionEnd::RetrySoon("kicked: shutdown".into()),
                 other => SessionEnd::Retry(format!("kicked: {}", other.as_str())),
@@ -603,20 +940,19 @@ async fn on_frame(
                 code: error,
                 message,
             };
-            state
-                .events
-                .send(event)
-                .await
-                .err()
-                .map(|_| SessionEnd::Stop)
+            emit(state, conn, event).await
         }
-        ServerFrame::HeartbeatAck { .. } | ServerFrame::LoginResult { .. } => None,
+        ServerFrame::HeartbeatAck { .. } | ServerFrame::LoginResult { .. } => Ok(()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{frame_codec, DEFAULT_MAX_FRAME_LEN};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
@@ -651,5 +987,639 @@ mod tests {
         }
         assert_eq!(seen.set.len(), 3);
         assert!(seen.first_time(MessageId(1)), "forgotten after the cap");
+    }
+
+    /// Runs one push through the inbox as the session does; `true` if it reached the application.
+    fn receive(inbox: &mut Inbox, id: u64, seq: Option<u64>) -> bool {
+        let new = inbox.is_new(MessageId(id), seq);
+        if new {
+            inbox.delivered(MessageId(id), seq);
+        }
+        new
+    }
+
+    #[test]
+    fn inbox_delivers_increasing_positions_once_and_acks_cumulatively() {
+        let mut inbox = Inbox::new(0, 100);
+        inbox.connected(0);
+        assert_eq!(inbox.take_ack(), None, "nothing to acknowledge yet");
+        assert!(receive(&mut inbox, 1, Some(1)));
+        assert!(receive(&mut inbox, 2, Some(2)));
+        // A jump (a message for another channel type, a hole the server gave up) is accepted.
+        assert!(receive(&mut inbox, 5, Some(5)));
+        assert_eq!(inbox.last_seq, 5);
+        assert_eq!(
+            inbox.take_ack(),
+            Some(5),
+            "one cumulative ack covers all three"
+        );
+        assert_eq!(inbox.take_ack(), None);
+
+        // Retransmissions and replay overlaps are dropped but acknowledged again, at the highest
+        // position held, even though that was acknowledged before.
+        assert!(!receive(&mut inbox, 2, Some(2)));
+        assert!(!receive(&mut inbox, 5, Some(5)));
+        assert_eq!(inbox.take_ack(), Some(5));
+        assert_eq!(inbox.last_seq, 5);
+
+        // An older position arriving late is a duplicate as well: order is never broken.
+        assert!(receive(&mut inbox, 9, Some(9)));
+        assert!(!receive(&mut inbox, 7, Some(7)));
+        assert_eq!(inbox.take_ack(), Some(9));
+    }
+
+    #[test]
+    fn inbox_acks_every_32_messages_at_the_latest() {
+        let mut inbox = Inbox::new(0, 100);
+        for seq in 1..ACK_EVERY as u64 {
+            assert!(receive(&mut inbox, seq, Some(seq)));
+            assert!(inbox.ack_due());
+            assert!(!inbox.ack_now(), "{seq}: may still wait for a pause");
+        }
+        assert!(receive(&mut inbox, 32, Some(32)));
+        assert!(inbox.ack_now());
+        assert_eq!(inbox.take_ack(), Some(32));
+        assert!(
+            !inbox.ack_due() && !inbox.ack_now(),
+            "the count starts again"
+        );
+        assert!(receive(&mut inbox, 33, Some(33)));
+        assert!(!inbox.ack_now());
+    }
+
+    #[test]
+    fn inbox_follows_the_cursor_and_expired_ranges_without_acking_them() {
+        let mut inbox = Inbox::new(3, 100);
+        assert!(receive(&mut inbox, 4, Some(4)));
+        // The connection drops before the ack; the next one presents last_seq = 4, and the server
+        // counts it received: no ack is owed on the new connection.
+        inbox.connected(4);
+        assert!(!inbox.ack_due());
+        assert_eq!(inbox.last_seq, 4);
+        // The server's own record is ahead (another run of this device acknowledged more).
+        inbox.connected(10);
+        assert_eq!(inbox.last_seq, 10);
+        assert!(!receive(&mut inbox, 8, Some(8)), "before the cursor");
+        assert_eq!(inbox.take_ack(), Some(10));
+        // A cursor behind what the client holds never moves it back.
+        inbox.connected(2);
+        assert_eq!(inbox.last_seq, 10);
+
+        inbox.expired(15);
+        assert_eq!(inbox.last_seq, 15);
+        assert!(
+            !inbox.ack_due(),
+            "the server moved past expired positions itself"
+        );
+        assert!(!receive(&mut inbox, 14, Some(14)));
+        assert!(receive(&mut inbox, 16, Some(16)));
+        inbox.expired(12);
+        assert_eq!(inbox.last_seq, 16, "an older range changes nothing");
+        assert_eq!(inbox.take_ack(), Some(16));
+    }
+
+    #[test]
+    fn inbox_dedups_broadcasts_by_id_without_acks_and_stays_bounded() {
+        let mut inbox = Inbox::new(0, 2);
+        assert!(receive(&mut inbox, 100, None));
+        assert!(!receive(&mut inbox, 100, None));
+        assert!(!inbox.ack_due(), "broadcasts are not acknowledged");
+        assert_eq!(inbox.last_seq, 0, "broadcasts are not part of the stream");
+        assert!(receive(&mut inbox, 101, None));
+        assert!(receive(&mut inbox, 102, None));
+        assert!(
+            receive(&mut inbox, 100, None),
+            "the oldest id was forgotten"
+        );
+        assert!(inbox.seen.set.len() <= 2);
+        // A stream message never counts as a broadcast duplicate, whatever its id.
+        assert!(receive(&mut inbox, 102, Some(1)));
+        assert_eq!(inbox.take_ack(), Some(1));
+    }
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A scripted server: accepts the client's connections one by one over TCP.
+    struct FakeServer {
+        listener: TcpListener,
+    }
+
+    struct Peer {
+        framed: Framed<TcpStream, LengthDelimitedCodec>,
+    }
+
+    impl FakeServer {
+        async fn start() -> (FakeServer, Endpoint) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = Endpoint::tcp(listener.local_addr().unwrap());
+            (FakeServer { listener }, endpoint)
+        }
+
+        async fn accept(&self) -> Peer {
+            let (stream, _) = tokio::time::timeout(WAIT, self.listener.accept())
+                .await
+                .expect("a connection in time")
+                .unwrap();
+            Peer {
+                framed: Framed::new(stream, frame_codec(DEFAULT_MAX_FRAME_LEN)),
+            }
+        }
+    }
+
+    impl Peer {
+        /// The client's next frame other than a heartbeat.
+        async fn recv(&mut self) -> ClientFrame {
+            next_frame(&mut self.framed).await
+        }
+
+        async fn ack(&mut self) -> u64 {
+            next_ack(&mut self.framed).await
+        }
+
+        async fn acks_up_to(&mut self, seq: u64) {
+            acks_up_to(&mut self.framed, seq).await
+        }
+
+        async fn send(&mut self, frame: ServerFrame) {
+            self.framed.send(frame.encode()).await.unwrap();
+        }
+
+        async fn push(&mut self, id: u64, seq: Option<u64>) {
+            self.send(push_frame(id, seq)).await;
+        }
+    }
+
+    type Frames = dyn futures_util::Stream<Item = Result<bytes::BytesMut, std::io::Error>> + Unpin;
+
+    /// The client's next frame other than a heartbeat.
+    async fn next_frame(frames: &mut Frames) -> ClientFrame {
+        loop {
+            let bytes = tokio::time::timeout(WAIT, frames.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .unwrap();
+            match ClientFrame::decode(&bytes).unwrap() {
+                ClientFrame::Heartbeat {} => continue,
+                frame => return frame,
+            }
+        }
+    }
+
+    /// The position of the client's next frame, which must be a cumulative ack.
+    async fn next_ack(frames: &mut Frames) -> u64 {
+        match next_frame(frames).await {
+            ClientFrame::Ack {
+                seq: Some(seq),
+                id: None,
+            } => seq,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    /// Reads acks until one reaches `seq`; they must not decrease nor pass it.
+    async fn acks_up_to(frames: &mut Frames, seq: u64) {
+        let mut last = 0;
+        loop {
+            let ack = next_ack(frames).await;
+            assert!(
+                ack >= last && ack <= seq,
+                "ack {ack} after {last}, up to {seq}"
+            );
+            if ack == seq {
+                return;
+            }
+            last = ack;
+        }
+    }
+
+    fn push_frame(id: u64, seq: Option<u64>) -> ServerFrame {
+        ServerFrame::Push {
+            id: MessageId(id),
+            seq,
+            from: Some("bob".into()),
+            to: if seq.is_some() { "alice" } else { "*" }.into(),
+            channel: None,
+            body: Body::from_json(id.to_string()).unwrap(),
+            ts: 1,
+        }
+    }
+
+    fn login_result(session: &str, resumed: bool, cursor: u64) -> ServerFrame {
+        ServerFrame::LoginResult {
+            session_id: session.into(),
+            session_expires_at_ms: 0,
+            resumed,
+            cursor,
+            heartbeat_ms: 60_000,
+            idle_timeout_ms: 180_000,
+            node_id: "node-1".into(),
+            user_id: "alice".into(),
+            server_time_ms: 0,
+            protocol: 1,
+        }
+    }
+
+    async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("an event in time")
+            .expect("client running")
+    }
+
+    async fn expect_message(events: &mut mpsc::Receiver<Event>, id: u64, seq: Option<u64>) {
+        match next_event(events).await {
+            Event::Message(m) => {
+                assert_eq!((m.id, m.seq), (MessageId(id), seq));
+                assert_eq!(m.body.get(), id.to_string());
+            }
+            other => panic!("expected message {id}, got {other:?}"),
+        }
+    }
+
+    async fn expect_connected(
+        events: &mut mpsc::Receiver<Event>,
+        session: &str,
+        was_resumed: bool,
+        at: u64,
+    ) {
+        match next_event(events).await {
+            Event::Connected {
+                session_id,
+                resumed,
+                cursor,
+                node_id,
+            } => {
+                assert_eq!(
+                    (session_id.as_str(), resumed, cursor, node_id.as_str()),
+                    (session, was_resumed, at, "node-1")
+                );
+            }
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    fn config(endpoint: Endpoint, initial_backoff: Duration) -> ClientConfig {
+        let mut config = ClientConfig::new(vec![endpoint], "token-1", "phone-1", "app");
+        config.backoff = Backoff {
+            initial: initial_backoff,
+            max: initial_backoff * 4,
+            jitter: 0.0,
+        };
+        config
+    }
+
+    #[tokio::test]
+    async fn resumes_replays_in_order_and_falls_back_to_login() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(800)));
+
+        // A fresh client logs in with its token and no position.
+        let mut peer = server.accept().await;
+        match peer.recv().await {
+            ClientFrame::Login {
+                token,
+                device_id,
+                channel,
+                last_seq,
+                ..
+            } => assert_eq!(
+                (
+                    token.as_str(),
+                    device_id.as_str(),
+                    channel.as_str(),
+                    last_seq
+                ),
+                ("token-1", "phone-1", "app", None)
+            ),
+            other => panic!("{other:?}"),
+        }
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        peer.push(101, Some(1)).await;
+        peer.push(102, Some(2)).await;
+        peer.send(ServerFrame::CaughtUp { seq: 2 }).await;
+        expect_message(&mut events, 101, Some(1)).await;
+        expect_message(&mut events, 102, Some(2)).await;
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::CaughtUp { seq: 2 }
+        ));
+        peer.acks_up_to(2).await;
+        assert_eq!(client.last_seq(), 2);
+        assert_eq!(client.session_id().as_deref(), Some("s1"));
+
+        // A retransmission is not handed over again, but acknowledged again.
+        peer.push(102, Some(2)).await;
+        assert_eq!(peer.ack().await, 2);
+        // A broadcast twice reaches the application once and is not acknowledged.
+        peer.push(900, None).await;
+        peer.push(900, None).await;
+        peer.push(103, Some(3)).await;
+        expect_message(&mut events, 900, None).await;
+        expect_message(&mut events, 103, Some(3)).await;
+        assert_eq!(peer.ack().await, 3);
+
+        // The node shuts down: the client comes back soon and resumes with what it holds.
+        peer.send(ServerFrame::kick(KickReason::Shutdown)).await;
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Kicked {
+                reason: KickReason::Shutdown
+            }
+        ));
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        match peer.recv().await {
+            ClientFrame::Resume {
+                session_id,
+                device_id,
+                last_seq,
+                ..
+            } => assert_eq!(
+                (session_id.as_str(), device_id.as_str(), last_seq),
+                ("s1", "phone-1", Some(3))
+            ),
+            other => panic!("{other:?}"),
+        }
+        peer.send(login_result("s2", true, 3)).await;
+        expect_connected(&mut events, "s2", true, 3).await;
+        assert_eq!(client.session_id().as_deref(), Some("s2"), "rotated");
+        peer.push(105, Some(5)).await;
+        peer.send(ServerFrame::CaughtUp { seq: 5 }).await;
+        expect_message(&mut events, 105, Some(5)).await;
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::CaughtUp { seq: 5 }
+        ));
+        assert_eq!(peer.ack().await, 5);
+
+        // Kicked for missing acks: resume with the rotated id, which the server no longer knows.
+        peer.send(ServerFrame::kick(KickReason::AckTimeout)).await;
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Kicked {
+                reason: KickReason::AckTimeout
+            }
+        ));
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        match peer.recv().await {
+            ClientFrame::Resume {
+                session_id,
+                last_seq,
+                ..
+            } => assert_eq!((session_id.as_str(), last_seq), ("s2", Some(5))),
+            other => panic!("{other:?}"),
+        }
+        peer.send(ServerFrame::error(
+            ErrorCode::SessionExpired,
+            "no such session",
+        ))
+        .await;
+        drop(peer);
+        // At once (the backoff would be 1.6 s now), with the token and the position.
+        let refused = Instant::now();
+        let mut peer = server.accept().await;
+        assert!(refused.elapsed() < Duration::from_millis(500));
+        match peer.recv().await {
+            ClientFrame::Login {
+                token, last_seq, ..
+            } => assert_eq!((token.as_str(), last_seq), ("token-1", Some(5))),
+            other => panic!("{other:?}"),
+        }
+        // The server's record of the device is ahead; some positions expired meanwhile.
+        peer.send(login_result("s3", false, 9)).await;
+        expect_connected(&mut events, "s3", false, 9).await;
+        assert_eq!(client.last_seq(), 9);
+        peer.send(ServerFrame::Expired {
+            from_seq: 10,
+            to_seq: 12,
+        })
+        .await;
+        peer.push(113, Some(13)).await;
+        peer.push(111, Some(11)).await;
+        peer.send(ServerFrame::CaughtUp { seq: 13 }).await;
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Expired {
+                from_seq: 10,
+                to_seq: 12
+            }
+        ));
+        expect_message(&mut events, 113, Some(13)).await;
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::CaughtUp { seq: 13 }
+        ));
+        // Acked once for 13, then again for the stale 11 (perhaps coalesced into one).
+        assert_eq!(peer.ack().await, 13);
+        assert_eq!(client.last_seq(), 13);
+
+        // Another login of the user took over: the session is revoked and the client stops.
+        peer.send(ServerFrame::kick(KickReason::DuplicateLogin))
+            .await;
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Kicked {
+                reason: KickReason::DuplicateLogin
+            }
+        ));
+        assert!(tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(client.session_id(), None);
+    }
+
+    #[tokio::test]
+    async fn without_resume_every_connection_logs_in_with_its_position() {
+        let (server, endpoint) = FakeServer::start().await;
+        let mut config = config(endpoint, Duration::from_millis(10));
+        config.resume = false;
+        let (client, mut events) = Client::start(config);
+        let mut peer = server.accept().await;
+        assert!(matches!(
+            peer.recv().await,
+            ClientFrame::Login { last_seq: None, .. }
+        ));
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        peer.push(104, Some(4)).await;
+        expect_message(&mut events, 104, Some(4)).await;
+        assert_eq!(peer.ack().await, 4);
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        assert!(matches!(
+            peer.recv().await,
+            ClientFrame::Login {
+                last_seq: Some(4),
+                ..
+            }
+        ));
+        // Kicked by an operator: the session is revoked.
+        peer.send(login_result("s2", false, 4)).await;
+        expect_connected(&mut events, "s2", false, 4).await;
+        peer.send(ServerFrame::kick(KickReason::Admin)).await;
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Kicked {
+                reason: KickReason::Admin
+            }
+        ));
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        assert_eq!(client.session_id(), None);
+        // Logging out sends what is owed, then `logout`.
+        peer.send(login_result("s3", false, 4)).await;
+        expect_connected(&mut events, "s3", false, 4).await;
+        assert_eq!(client.session_id().as_deref(), Some("s3"));
+        client.close().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Logout {}));
+        assert_eq!(client.session_id(), None);
+    }
+
+    #[tokio::test]
+    async fn admin_kick_revokes_the_session_so_the_next_connection_logs_in() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        peer.push(101, Some(1)).await;
+        expect_message(&mut events, 101, Some(1)).await;
+        assert_eq!(peer.ack().await, 1);
+        peer.send(ServerFrame::kick(KickReason::Admin)).await;
+        drop(peer);
+        let mut peer = server.accept().await;
+        assert!(matches!(
+            peer.recv().await,
+            ClientFrame::Login {
+                last_seq: Some(1),
+                ..
+            }
+        ));
+        assert_eq!(client.session_id(), None);
+    }
+
+    #[tokio::test]
+    async fn another_devices_session_falls_back_to_login_and_server_errors_retry() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Resume { .. }));
+        peer.send(ServerFrame::error(ErrorCode::InvalidDevice, "other device"))
+            .await;
+        drop(peer);
+        // A transient server error while logging in is retried, not taken as a refusal.
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        assert_eq!(client.session_id(), None);
+        peer.send(ServerFrame::error(ErrorCode::Internal, "oops"))
+            .await;
+        drop(peer);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::Disconnected { .. }
+        ));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        peer.send(login_result("s2", false, 0)).await;
+        expect_connected(&mut events, "s2", false, 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_acknowledged_at_least_every_32_messages() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (_client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        peer.recv().await;
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        // Written in one go, so that most of them wait in the client's buffer together.
+        for seq in 1..=200u64 {
+            let frame = push_frame(1000 + seq, Some(seq)).encode();
+            peer.framed.feed(frame).await.unwrap();
+        }
+        SinkExt::<bytes::Bytes>::flush(&mut peer.framed)
+            .await
+            .unwrap();
+        let reader = tokio::spawn(async move {
+            for seq in 1..=200u64 {
+                match next_event(&mut events).await {
+                    Event::Message(m) => {
+                        assert_eq!((m.id, m.seq), (MessageId(1000 + seq), Some(seq)))
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        });
+        let mut last = 0;
+        while last < 200 {
+            let ack = peer.ack().await;
+            assert!(
+                ack > last && ack - last <= u64::from(ACK_EVERY),
+                "{last} → {ack}"
+            );
+            last = ack;
+        }
+        reader.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_slow_application_does_not_hold_back_acks_of_what_it_was_given() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (_client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        peer.recv().await;
+        peer.send(login_result("s1", false, 0)).await;
+        // Nobody reads events: `connected` and 1023 messages fill the stream (1024), the 1024th
+        // message waits. The last handed-over one, 1023, is not a multiple of 32, so only the
+        // ack before waiting can acknowledge it.
+        let total = 1100u64;
+        let (mut sink, mut stream) = peer.framed.split();
+        let writer = tokio::spawn(async move {
+            for seq in 1..=total {
+                sink.send(push_frame(seq, Some(seq)).encode())
+                    .await
+                    .unwrap();
+            }
+            sink
+        });
+        acks_up_to(&mut stream, 1023).await;
+        // Once the application reads again, the rest follows.
+        expect_connected(&mut events, "s1", false, 0).await;
+        for seq in 1..=total {
+            expect_message(&mut events, seq, Some(seq)).await;
+        }
+        acks_up_to(&mut stream, total).await;
+        let _sink = writer.await.unwrap();
     }
 }

@@ -124,6 +124,25 @@ pub enum ClientFrame {
         client_version: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         heartbeat: Option<HeartbeatRange>,
+        /// The highest stream position (`seq`) this device already holds, every earlier one
+        /// included; the server replays what follows it (or its own record, whichever is later).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seq: Option<u64>,
+    },
+    /// Fast reconnect: restores a session from an earlier `login_result` on any node without a
+    /// token, and replays what the device missed. Like `login`, only as the first frame.
+    Resume {
+        /// The `session_id` of the earlier `login_result` (or of the last `resume`).
+        session_id: String,
+        /// Must be the device id the session was created for.
+        device_id: String,
+        /// The highest stream position this device already holds, every earlier one included.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_version: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat: Option<HeartbeatRange>,
     },
     /// Keeps the connection alive; answered with `heartbeat_ack`.
     Heartbeat {},
@@ -139,8 +158,14 @@ pub enum ClientFrame {
         /// Any JSON value; the gateway passes it through untouched.
         body: Body,
     },
-    /// Acknowledges a pushed message.
-    Ack { id: MessageId },
+    /// Acknowledges pushed messages: with `seq`, every message of the stream up to and including
+    /// that position (cumulative); with `id` only, that one message.
+    Ack {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<MessageId>,
+    },
     /// Ends the session; the server closes the connection.
     Logout {},
 }
@@ -179,6 +204,8 @@ pub enum KickReason {
     Admin,
     /// The node is shutting down; reconnect to another node.
     Shutdown,
+    /// Pushed messages stayed unacknowledged after every retransmission.
+    AckTimeout,
 }
 
 impl KickReason {
@@ -188,6 +215,7 @@ impl KickReason {
             KickReason::SlowConsumer => "slow_consumer",
             KickReason::Admin => "admin",
             KickReason::Shutdown => "shutdown",
+            KickReason::AckTimeout => "ack_timeout",
         }
     }
 
@@ -198,6 +226,7 @@ impl KickReason {
             KickReason::SlowConsumer => "slow consumer: frames were not read fast enough",
             KickReason::Admin => "disconnected by an operator",
             KickReason::Shutdown => "shutdown, reconnect elsewhere",
+            KickReason::AckTimeout => "pushed messages were not acknowledged; reconnect and resume",
         }
     }
 }
@@ -235,10 +264,14 @@ pub enum ErrorCode {
     Internal,
     /// The message store is overloaded or down; nothing was stored. Retry later.
     Unavailable,
+    /// RESUME named a session that does not exist (expired, revoked, never issued): log in.
+    SessionExpired,
+    /// RESUME named a session that belongs to another device.
+    InvalidDevice,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::LoginRequired,
@@ -254,6 +287,8 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
         ErrorCode::Unavailable,
+        ErrorCode::SessionExpired,
+        ErrorCode::InvalidDevice,
     ];
 
     /// The stable numeric code.
@@ -270,6 +305,8 @@ impl ErrorCode {
             ErrorCode::UnknownChannel => 2003,
             ErrorCode::InvalidField => 2004,
             ErrorCode::DuplicateLogin => 2005,
+            ErrorCode::SessionExpired => 2006,
+            ErrorCode::InvalidDevice => 2007,
             ErrorCode::ServerFull => 5000,
             ErrorCode::ShuttingDown => 5001,
             ErrorCode::Internal => 5002,
@@ -291,6 +328,8 @@ impl ErrorCode {
             ErrorCode::UnknownChannel => "UNKNOWN_CHANNEL",
             ErrorCode::InvalidField => "INVALID_FIELD",
             ErrorCode::DuplicateLogin => "DUPLICATE_LOGIN",
+            ErrorCode::SessionExpired => "SESSION_EXPIRED",
+            ErrorCode::InvalidDevice => "INVALID_DEVICE",
             ErrorCode::ServerFull => "SERVER_FULL",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Internal => "INTERNAL",
@@ -331,10 +370,20 @@ impl<'de> Deserialize<'de> for ErrorCode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    /// Answer to a successful LOGIN.
+    /// Answer to a successful LOGIN or RESUME.
     LoginResult {
-        /// Random id of this session (128 bits, hex).
+        /// Random id of this session (128 bits, hex), bound to the device: RESUME presents it.
         session_id: String,
+        /// When the session expires if not resumed before, milliseconds since the Unix epoch.
+        #[serde(default)]
+        session_expires_at_ms: u64,
+        /// `true` when this answers a RESUME that restored the session.
+        #[serde(default)]
+        resumed: bool,
+        /// The device's position in its stream: every message up to it counts as received;
+        /// the server now replays what follows, then `caught_up`, then live messages.
+        #[serde(default)]
+        cursor: u64,
         /// The negotiated heartbeat interval.
         heartbeat_ms: u64,
         /// The connection is closed after this long without any frame from the client.
@@ -366,6 +415,10 @@ pub enum ServerFrame {
     /// A message for this connection's user.
     Push {
         id: MessageId,
+        /// The message's position in the user's stream (1, 2, 3, … without gaps); absent for
+        /// broadcasts, which are not part of any stream and need no acknowledgement.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
         /// The sending user; absent for system messages.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<String>,
@@ -377,6 +430,12 @@ pub enum ServerFrame {
         /// When the server accepted the message, milliseconds since the Unix epoch.
         ts: u64,
     },
+    /// Replay is complete: every message of the stream up to `seq` has been sent; what
+    /// follows is live.
+    CaughtUp { seq: u64 },
+    /// Positions `from_seq` to `to_seq` (inclusive) were older than the retention and will never
+    /// be delivered; the device's cursor moves past them.
+    Expired { from_seq: u64, to_seq: u64 },
     /// The server is closing the connection for `reason`.
     Kick { reason: KickReason, message: String },
     /// Something went wrong; `error` names it and `code` is its number.
@@ -397,6 +456,8 @@ impl ServerFrame {
         struct Push {
             id: MessageId,
             #[serde(default)]
+            seq: Option<u64>,
+            #[serde(default)]
             from: Option<String>,
             to: String,
             #[serde(default)]
@@ -407,6 +468,7 @@ impl ServerFrame {
         let f: Push = serde_json::from_slice(json)?;
         Ok(ServerFrame::Push {
             id: f.id,
+            seq: f.seq,
             from: f.from,
             to: f.to,
             channel: f.channel,
@@ -439,6 +501,8 @@ impl ServerFrame {
             ServerFrame::HeartbeatAck { .. } => "heartbeat_ack",
             ServerFrame::SendResult { .. } => "send_result",
             ServerFrame::Push { .. } => "push",
+            ServerFrame::CaughtUp { .. } => "caught_up",
+            ServerFrame::Expired { .. } => "expired",
             ServerFrame::Kick { .. } => "kick",
             ServerFrame::Error { .. } => "error",
         }
@@ -454,6 +518,7 @@ impl ServerFrame {
 /// copying the body. The gateway encodes each message once and shares the bytes.
 pub fn encode_push(
     id: MessageId,
+    seq: Option<u64>,
     from: Option<&str>,
     to: &str,
     channel: Option<&str>,
@@ -466,6 +531,8 @@ pub fn encode_push(
         kind: &'static str,
         id: MessageId,
         #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         from: Option<&'a str>,
         to: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -476,6 +543,7 @@ pub fn encode_push(
     let push = Push {
         kind: "push",
         id,
+        seq,
         from,
         to,
         channel,
@@ -525,6 +593,7 @@ impl ClientFrame {
     pub fn kind(&self) -> &'static str {
         match self {
             ClientFrame::Login { .. } => "login",
+            ClientFrame::Resume { .. } => "resume",
             ClientFrame::Heartbeat {} => "heartbeat",
             ClientFrame::Send { .. } => "send",
             ClientFrame::Ack { .. } => "ack",
@@ -571,7 +640,27 @@ mod tests {
         assert!(matches!(
             f,
             ClientFrame::Ack {
-                id: MessageId(u64::MAX)
+                id: Some(MessageId(u64::MAX)),
+                seq: None
+            }
+        ));
+        let f: ClientFrame = serde_json::from_str(r#"{"type":"ack","seq":7}"#).unwrap();
+        assert!(matches!(
+            f,
+            ClientFrame::Ack {
+                id: None,
+                seq: Some(7)
+            }
+        ));
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"resume","session_id":"s","device_id":"d","last_seq":12}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            ClientFrame::Resume {
+                last_seq: Some(12),
+                ..
             }
         ));
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"send","to":"b"}"#).is_err());
@@ -624,7 +713,7 @@ mod tests {
             ClientFrame::Heartbeat {}
         ));
         let body = RawValue::from_string("[1.50]".into()).unwrap();
-        let push = encode_push(MessageId(1), None, "b", None, &body, 3);
+        let push = encode_push(MessageId(1), Some(4), None, "b", None, &body, 3);
         match ServerFrame::decode(&push).unwrap() {
             ServerFrame::Push { body, .. } => assert_eq!(body.get(), "[1.50]"),
             other => panic!("{other:?}"),
@@ -634,11 +723,12 @@ mod tests {
     #[test]
     fn encode_push_matches_server_frame() {
         let body = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
-        let bytes = encode_push(MessageId(42), Some("alice"), "bob", None, &body, 7);
+        let bytes = encode_push(MessageId(42), Some(9), Some("alice"), "bob", None, &body, 7);
         let frame: ServerFrame = serde_json::from_slice(&bytes).unwrap();
         match frame {
             ServerFrame::Push {
                 id,
+                seq,
                 from,
                 to,
                 channel,
@@ -646,8 +736,8 @@ mod tests {
                 ts,
             } => {
                 assert_eq!(
-                    (id, from.as_deref(), to.as_str(), channel, ts),
-                    (MessageId(42), Some("alice"), "bob", None, 7)
+                    (id, seq, from.as_deref(), to.as_str(), channel, ts),
+                    (MessageId(42), Some(9), Some("alice"), "bob", None, 7)
                 );
                 assert_eq!(body.get(), r#"{"text":"hi"}"#);
             }

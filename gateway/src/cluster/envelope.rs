@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use imgate_shared::KickReason;
+use imgate_shared::{KickReason, MessageId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -28,6 +28,10 @@ pub(crate) enum Envelope<'a> {
         user: Cow<'a, str>,
         #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
         channel: Option<Cow<'a, str>>,
+        /// The message id and its position in the user's stream (also inside `push`; here so
+        /// that the receiver need not parse it).
+        id: MessageId,
+        seq: u64,
         #[serde(borrow)]
         push: &'a RawValue,
     },
@@ -129,6 +133,8 @@ mod tests {
             from_instance: "abc".into(),
             user: "u \"q\"".into(),
             channel: None,
+            id: MessageId(1),
+            seq: 12,
             push: raw_push(push).unwrap(),
         };
         let bytes = env.encode();
@@ -136,9 +142,13 @@ mod tests {
         assert!(text.contains(std::str::from_utf8(push).unwrap()), "{text}");
         match Envelope::decode(&bytes).unwrap() {
             Envelope::Deliver {
-                req, user, push: p, ..
+                req,
+                user,
+                seq,
+                push: p,
+                ..
             } => {
-                assert_eq!(req, 7);
+                assert_eq!((req, seq), (7, 12));
                 assert_eq!(user, "u \"q\"");
                 let sliced = push_bytes(&bytes, p);
                 assert_eq!(&sliced[..], &push[..]);

@@ -37,4 +37,14 @@ impl Keys {
     pub(crate) fn presence(&self, user: &str) -> String {
         format!("{}:presence:{user}", self.prefix)
     }
+
+    /// The stream counter of a user.
+    pub(crate) fn seq(&self, user: &str) -> String {
+        format!("{}:seq:{user}", self.prefix)
+    }
+
+    /// A session for fast reconnect.
+    pub(crate) fn session(&self, id: &str) -> String {
+        format!("{}:session:{id}", self.prefix)
+    }
 }

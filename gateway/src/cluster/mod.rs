@@ -38,6 +38,8 @@ mod nodes;
 mod presence;
 mod remote;
 mod scripts;
+mod sessions;
+mod streams;
 mod upkeep;
 
 use std::fmt;
@@ -55,6 +57,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 pub use bus::{Bus, BusError, BusMessage, LocalBus, RedisBus, Subscription};
+pub use sessions::{Resume, Session, SessionTicket};
 
 use crate::auth::unix_millis;
 use crate::config::{DuplicateLoginPolicy, RoutingMode, Settings};
@@ -75,9 +78,15 @@ const MAX_OWED_KICKS: usize = 10_000;
 
 /// What the cluster asks of the local node when another node addresses it.
 pub trait LocalNode: Send + Sync + 'static {
-    /// Queues `push` (an encoded push frame) on every live local connection of `user` (of
-    /// `channel` if Some); returns how many connections took it.
-    fn deliver_local(&self, user: &str, channel: Option<&str>, push: Bytes) -> u32;
+    /// Queues `push` (an encoded push frame, at `stamp` in the user's stream) on every live
+    /// local connection of `user` (of `channel` if Some); returns how many connections took it.
+    fn deliver_local(
+        &self,
+        user: &str,
+        channel: Option<&str>,
+        stamp: crate::registry::Stamp,
+        push: Bytes,
+    ) -> u32;
     /// Queues `push` on every live local connection (of `channel` if Some); returns how many.
     fn broadcast_local(&self, channel: Option<&str>, push: Bytes) -> usize;
     /// Kicks the local connection `conn_id` of `user` if it still exists; returns whether it did.
@@ -200,6 +209,7 @@ struct Redis {
     bus: Arc<RedisBus>,
     presence: Presence,
     nodes: NodeRegistry,
+    scripts: Arc<Scripts>,
 }
 
 struct Inner {
@@ -225,6 +235,11 @@ struct Inner {
     tag_lost: AtomicBool,
     /// Duplicate-login kicks that could not be published: (channel, message).
     owed_kicks: std::sync::Mutex<Vec<(String, Bytes)>>,
+    /// Embedded only: stream counters per user.
+    seqs: DashMap<Arc<str>, u64>,
+    /// Embedded only: sessions by id, with their expiry.
+    sessions: DashMap<String, (Session, std::time::Instant)>,
+    session_ttl: Duration,
 }
 
 enum Targets {
@@ -337,7 +352,7 @@ impl Cluster {
                 };
                 let presence = Presence::new(
                     redis_bus.client.clone(),
-                    scripts,
+                    scripts.clone(),
                     keys.clone(),
                     me.node_id.clone(),
                     me.instance.clone(),
@@ -350,6 +365,7 @@ impl Cluster {
                         bus: redis_bus,
                         presence,
                         nodes,
+                        scripts,
                     }),
                     tag,
                 )
@@ -392,6 +408,9 @@ impl Cluster {
             upkeep: tokio::sync::Mutex::new(()),
             tag_lost: AtomicBool::new(false),
             owed_kicks: std::sync::Mutex::new(Vec::new()),
+            seqs: DashMap::new(),
+            sessions: DashMap::new(),
+            session_ttl: Duration::from_secs(settings.delivery.session_ttl_secs),
         });
         tokio::spawn(inner.clone().receive(subscription));
         if inner.redis.is_some() {
@@ -446,6 +465,7 @@ impl Cluster {
         &self,
         user: &str,
         channel: Option<&str>,
+        stamp: crate::registry::Stamp,
         push: Bytes,
     ) -> RemoteDelivery {
         let inner = &self.inner;
@@ -476,6 +496,8 @@ impl Cluster {
                     from_instance: me.instance.as_str().into(),
                     user: user.into(),
                     channel: channel.map(Into::into),
+                    id: stamp.id,
+                    seq: stamp.seq,
                     push: raw,
                 }
                 .encode()

@@ -297,6 +297,8 @@ impl Inner {
                 from_instance,
                 user,
                 channel,
+                id,
+                seq,
                 push,
             } => {
                 if from_instance == mine {
@@ -305,6 +307,7 @@ impl Inner {
                 let n = self.local.deliver_local(
                     &user,
                     channel.as_deref(),
+                    crate::registry::Stamp { id, seq },
                     push_bytes(&msg.payload, push),
                 );
                 self.reply(&from, &from_instance, req, u64::from(n));

@@ -260,6 +260,8 @@ pub(crate) struct Scripts {
     pub(crate) node_refresh: Script,
     pub(crate) nodes: Script,
     pub(crate) node_leave: Script,
+    pub(crate) seq_next: Script,
+    pub(crate) session_resume: Script,
 }
 
 impl Scripts {
@@ -272,6 +274,8 @@ impl Scripts {
             node_refresh: Script::new(NODE_REFRESH.to_owned()),
             nodes: Script::new(NODES.to_owned()),
             node_leave: Script::new(NODE_LEAVE.to_owned()),
+            seq_next: Script::new(super::streams::SEQ_NEXT.to_owned()),
+            session_resume: Script::new(super::sessions::SESSION_RESUME.to_owned()),
         }
     }
 
@@ -284,6 +288,8 @@ impl Scripts {
             &self.node_refresh,
             &self.nodes,
             &self.node_leave,
+            &self.seq_next,
+            &self.session_resume,
         ] {
             s.load(client).await?;
         }

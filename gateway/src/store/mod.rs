@@ -33,7 +33,7 @@ use imgate_shared::protocol::MAX_ID_LEN;
 use imgate_shared::MessageId;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use serde::{Deserialize, Serialize, Serializer};
-use sqlx::AnyPool;
+use sqlx::{AnyPool, Row as _};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -203,6 +203,8 @@ pub struct NewMessage {
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     pub state: DeliveryState,
+    /// The message's position in the recipient's stream (1, 2, 3, ...).
+    pub seq: u64,
 }
 
 /// A message row as stored.
@@ -220,6 +222,8 @@ pub struct StoredMessage {
     pub client_msg_id: Option<String>,
     pub created_at_ms: u64,
     pub state: DeliveryState,
+    /// The message's position in the recipient's stream; 0 for rows stored before streams.
+    pub seq: u64,
 }
 
 fn body_as_json<S: Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -310,7 +314,7 @@ impl WritePermit {
     /// [`StoreError::Unwritten`]/[`StoreError::Closed`] if the store closes before it could be
     /// written). The row is written whether or not the future is awaited.
     pub fn write(self, msg: NewMessage) -> PendingWrite {
-        let (id, created_at_ms) = match check(&msg, &self.limits) {
+        let (id, created_at_ms, seq) = match check(&msg, &self.limits) {
             Ok(checked) => checked,
             Err(e) => {
                 count_refused("invalid");
@@ -321,6 +325,7 @@ impl WritePermit {
         self.permit.send(Row {
             id,
             created_at_ms,
+            seq,
             msg,
             done,
         });
@@ -359,8 +364,8 @@ impl Future for PendingWrite {
     }
 }
 
-/// Checks a row against the schema; returns its id and creation time as stored.
-fn check(msg: &NewMessage, limits: &Limits) -> Result<(i64, i64), StoreError> {
+/// Checks a row against the schema; returns its id, creation time and position as stored.
+fn check(msg: &NewMessage, limits: &Limits) -> Result<(i64, i64, i64), StoreError> {
     let invalid = |m: String| Err(StoreError::Invalid(m));
     let id_field = |name: &str, value: &str| -> Result<(), StoreError> {
         if value.is_empty() || value.len() > MAX_ID_LEN {
@@ -393,7 +398,10 @@ fn check(msg: &NewMessage, limits: &Limits) -> Result<(i64, i64), StoreError> {
     let Ok(created_at_ms) = i64::try_from(msg.created_at_ms) else {
         return invalid("created_at_ms is above 2^63".into());
     };
-    Ok((id, created_at_ms))
+    let Ok(seq) = i64::try_from(msg.seq) else {
+        return invalid("seq is above 2^63".into());
+    };
+    Ok((id, created_at_ms, seq))
 }
 
 /// The message store of a node. Cheap to clone; every clone is the same store.
@@ -701,6 +709,73 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
+    /// `user`'s stream from position `from` on (inclusive), in order, at most `limit` (capped
+    /// at [`MAX_PAGE`]). Only committed rows: a position can be missing while its row is still
+    /// on its way.
+    pub async fn stream(
+        &self,
+        user: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let limit = i64::from(limit.min(MAX_PAGE));
+        let Ok(from) = i64::try_from(from) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&self.inner.queries.stream)
+            .bind(user)
+            .bind(from)
+            .bind(limit)
+            .fetch_all(&self.inner.reads)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(sql::stored_message)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The highest committed position of `user`'s stream; 0 when the user has no message.
+    pub async fn stream_head(&self, user: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(&self.inner.queries.stream_head)
+            .bind(user)
+            .fetch_one(&self.inner.reads)
+            .await?;
+        let head: Option<i64> = row.try_get(0)?;
+        Ok(head.map_or(0, |h| u64::try_from(h).unwrap_or(0)))
+    }
+
+    /// The position `device` of `user` has acknowledged; 0 when it never acknowledged any.
+    pub async fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(&self.inner.queries.cursor)
+            .bind(user)
+            .bind(device)
+            .fetch_optional(&self.inner.reads)
+            .await?;
+        match row {
+            None => Ok(0),
+            Some(row) => {
+                let seq: i64 = row.try_get(0)?;
+                Ok(u64::try_from(seq).unwrap_or(0))
+            }
+        }
+    }
+
+    /// Raises the cursor of `device` of `user` to `seq` in the writer's next batch (never
+    /// lowers it). Fire and forget, like [`mark`](Self::mark): dropped (counted in
+    /// [`metric::MARKS_DROPPED`]) when the store is closed or too many devices are queued; the
+    /// device then replays from its older cursor, and its client drops what it already has.
+    pub fn save_cursor(&self, user: &Arc<str>, device: &Arc<str>, seq: u64) {
+        let shared = &self.inner.shared;
+        let queued = shared.stopped.borrow().is_none()
+            && shared.push_cursor((user.clone(), device.clone()), seq);
+        if !queued {
+            metrics::counter!(metric::MARKS_DROPPED).increment(1);
+        }
+    }
+
     /// The id of the committed message with this idempotency key. `sender` is `""` for system
     /// messages.
     pub async fn find_by_client_id(
@@ -789,6 +864,7 @@ mod tests {
             client_msg_id: None,
             created_at_ms: 1,
             state: DeliveryState::Pending,
+            seq: 1,
         }
     }
 
@@ -831,11 +907,12 @@ mod tests {
             client_msg_id: None,
             created_at_ms: 5,
             state: DeliveryState::Acknowledged,
+            seq: 3,
         };
         let json = serde_json::to_string(&stored).unwrap();
         assert_eq!(
             json,
-            r#"{"id":"4503599626321920","sender":null,"recipient":"bob","channel":"app","body":{"b": [1, 2],  "a":"é"},"client_msg_id":null,"created_at_ms":5,"state":"acknowledged"}"#
+            r#"{"id":"4503599626321920","sender":null,"recipient":"bob","channel":"app","body":{"b": [1, 2],  "a":"é"},"client_msg_id":null,"created_at_ms":5,"state":"acknowledged","seq":3}"#
         );
     }
 }

@@ -61,9 +61,9 @@ impl Dialect {
 
 /// The columns of `messages`, in the order [`stored_message`] reads them.
 pub const COLUMNS: &str =
-    "id, sender, recipient, channel, body, client_msg_id, created_at_ms, state";
+    "id, sender, recipient, channel, body, client_msg_id, created_at_ms, state, seq";
 /// Bind parameters per inserted row.
-pub const INSERT_PARAMS_PER_ROW: usize = 8;
+pub const INSERT_PARAMS_PER_ROW: usize = 9;
 
 /// `?, ?, ?` with `n` placeholders.
 fn placeholders(sql: &mut String, n: usize) {
@@ -85,6 +85,30 @@ pub fn insert(dialect: Dialect, rows: usize) -> String {
         placeholders(&mut sql, INSERT_PARAMS_PER_ROW);
         sql.push(')');
     }
+    sql
+}
+
+/// Raises device cursors: a multi-row upsert of `rows` (user_id, device_id, acked_seq,
+/// updated_at_ms) rows that never lowers a stored cursor.
+pub fn upsert_cursors(dialect: Dialect, rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO device_cursors (user_id, device_id, acked_seq, updated_at_ms) VALUES ",
+    );
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        placeholders(&mut sql, 4);
+        sql.push(')');
+    }
+    sql.push_str(match dialect {
+        Dialect::MySql => {
+            " ON DUPLICATE KEY UPDATE acked_seq = GREATEST(acked_seq, VALUES(acked_seq)), \
+             updated_at_ms = VALUES(updated_at_ms)"
+        }
+        Dialect::Sqlite => {
+            " ON CONFLICT (user_id, device_id) DO UPDATE SET \
+             acked_seq = MAX(acked_seq, excluded.acked_seq), updated_at_ms = excluded.updated_at_ms"
+        }
+    });
     sql
 }
 
@@ -144,6 +168,12 @@ pub struct Queries {
     pub message_by_id: String,
     /// Binds sender, recipient, client_msg_id.
     pub id_by_client_id: String,
+    /// A user's stream from a position on, in order: binds recipient, first seq, limit.
+    pub stream: String,
+    /// The highest position of a user's stream that is stored: binds recipient.
+    pub stream_head: String,
+    /// A device's cursor: binds user_id, device_id.
+    pub cursor: String,
     /// Pending messages of a user after a cursor, oldest first: binds recipient, after, limit.
     pub pending: String,
     /// Everything a user sent or received before a cursor, newest first: binds, three times
@@ -165,6 +195,7 @@ impl Queries {
         let pending_index = messages_by(dialect, "ix_messages_pending");
         let conversation = messages_by(dialect, "ix_messages_conversation");
         let sent = messages_by(dialect, "ix_messages_sent");
+        let stream = messages_by(dialect, "ix_messages_stream");
         // Each branch is an index-ordered scan that stops after `limit` rows; the merge sorts at
         // most 4 × limit rows. What a user received comes from ix_messages_pending, one scan per
         // state (an IN list could not be read in id order). A message to oneself counts as sent.
@@ -195,6 +226,12 @@ impl Queries {
             message_by_id: format!("SELECT {COLUMNS} FROM messages WHERE id = ?"),
             id_by_client_id: "SELECT id FROM messages \
                               WHERE sender = ? AND recipient = ? AND client_msg_id = ?"
+                .into(),
+            stream: format!(
+                "SELECT {COLUMNS} FROM {stream} WHERE recipient = ? AND seq >= ? ORDER BY seq LIMIT ?"
+            ),
+            stream_head: format!("SELECT MAX(seq) FROM {stream} WHERE recipient = ?"),
+            cursor: "SELECT acked_seq FROM device_cursors WHERE user_id = ? AND device_id = ?"
                 .into(),
             pending: format!(
                 "SELECT {COLUMNS} FROM {pending_index} \
@@ -256,6 +293,7 @@ pub fn stored_message(row: &AnyRow) -> Result<StoredMessage, sqlx::Error> {
     let sender = required_text(row, 1)?;
     let created_at_ms: i64 = row.try_get(6)?;
     let state: i64 = row.try_get(7)?;
+    let seq: i64 = row.try_get(8)?;
     Ok(StoredMessage {
         id: id(row, 0)?,
         sender: (!sender.is_empty()).then_some(sender),
@@ -267,6 +305,7 @@ pub fn stored_message(row: &AnyRow) -> Result<StoredMessage, sqlx::Error> {
             .map_err(|_| decode_error(6, "negative created_at_ms"))?,
         state: DeliveryState::from_db(state)
             .ok_or_else(|| decode_error(7, format!("unknown delivery state {state}")))?,
+        seq: u64::try_from(seq).map_err(|_| decode_error(8, "negative seq"))?,
     })
 }
 
@@ -277,7 +316,10 @@ mod tests {
     #[test]
     fn statements_have_one_placeholder_per_bind() {
         let count = |s: &str| s.matches('?').count();
-        assert_eq!(count(&insert(Dialect::MySql, 3)), 24);
+        assert_eq!(count(&insert(Dialect::MySql, 3)), 27);
+        for dialect in [Dialect::MySql, Dialect::Sqlite] {
+            assert_eq!(count(&upsert_cursors(dialect, 3)), 12);
+        }
         assert!(insert(Dialect::MySql, 1).starts_with("INSERT IGNORE INTO messages"));
         assert!(insert(Dialect::Sqlite, 1).starts_with("INSERT OR IGNORE INTO messages"));
         assert_eq!(count(&existing_ids(5)), 5);
@@ -291,6 +333,9 @@ mod tests {
             assert_eq!(count(&q.history_with_peer), 9);
             assert_eq!(count(&q.history_with_self), 4);
             assert_eq!(count(&q.pending), 3);
+            assert_eq!(count(&q.stream), 3);
+            assert_eq!(count(&q.stream_head), 1);
+            assert_eq!(count(&q.cursor), 2);
         }
         assert!(Queries::new(Dialect::MySql)
             .pending

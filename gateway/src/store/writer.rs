@@ -53,6 +53,8 @@ const PARALLEL_MIN_ROWS: usize = 200;
 pub(crate) struct Row {
     pub id: i64,
     pub created_at_ms: i64,
+    /// The message's position in the recipient's stream.
+    pub seq: i64,
     pub msg: NewMessage,
     pub done: oneshot::Sender<Result<Persisted, StoreError>>,
 }
@@ -64,9 +66,17 @@ pub(crate) struct Mark {
     pub state: DeliveryState,
 }
 
+/// A device cursor to raise: (user, device) → acknowledged position.
+pub(crate) type CursorKey = (Arc<str>, Arc<str>);
+
+/// Cursor rows per upsert statement (4 parameters each).
+const CURSORS_PER_STATEMENT: usize = 1_000;
+
 /// What the store and its writer share.
 pub(crate) struct Shared {
     marks: Mutex<Vec<Mark>>,
+    /// Device cursors to raise, coalesced per device (the highest position wins).
+    cursors: Mutex<HashMap<CursorKey, u64>>,
     wake: Notify,
     /// Set when the store starts closing; `reserve` refuses from then on.
     pub closing: AtomicBool,
@@ -81,6 +91,7 @@ impl Shared {
     pub fn new() -> Shared {
         Shared {
             marks: Mutex::new(Vec::new()),
+            cursors: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             close: watch::Sender::new(None),
@@ -115,8 +126,49 @@ impl Shared {
         std::mem::take(&mut *self.lock_marks())
     }
 
+    fn lock_cursors(&self) -> MutexGuard<'_, HashMap<CursorKey, u64>> {
+        self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a cursor update; `false` when too many devices are queued already.
+    pub fn push_cursor(&self, key: CursorKey, seq: u64) -> bool {
+        let mut cursors = self.lock_cursors();
+        if cursors.len() >= MAX_QUEUED_MARKS && !cursors.contains_key(&key) {
+            return false;
+        }
+        let entry = cursors.entry(key).or_insert(0);
+        *entry = (*entry).max(seq);
+        drop(cursors);
+        self.wake.notify_one();
+        true
+    }
+
+    fn take_cursors(&self) -> Vec<CursorRow> {
+        let now = crate::auth::unix_millis() as i64;
+        std::mem::take(&mut *self.lock_cursors())
+            .into_iter()
+            .map(|((user, device), seq)| CursorRow {
+                user,
+                device,
+                seq: i64::try_from(seq).unwrap_or(i64::MAX),
+                at_ms: now,
+            })
+            .collect()
+    }
+
+    /// Puts back cursor updates of a batch that could not be written.
+    fn restore_cursors(&self, rows: &[CursorRow]) {
+        let mut cursors = self.lock_cursors();
+        for r in rows {
+            let entry = cursors
+                .entry((r.user.clone(), r.device.clone()))
+                .or_insert(0);
+            *entry = (*entry).max(r.seq as u64);
+        }
+    }
+
     fn has_marks(&self) -> bool {
-        !self.lock_marks().is_empty()
+        !self.lock_marks().is_empty() || !self.lock_cursors().is_empty()
     }
 }
 
@@ -217,8 +269,9 @@ impl Writer {
         loop {
             let open = self.collect(&mut rows).await;
             let marks = self.shared.take_marks();
-            if !rows.is_empty() || !marks.is_empty() {
-                conns = self.flush(&pool, conns, &mut rows, marks).await;
+            let cursors = self.shared.take_cursors();
+            if !rows.is_empty() || !marks.is_empty() || !cursors.is_empty() {
+                conns = self.flush(&pool, conns, &mut rows, marks, cursors).await;
                 if !own {
                     conns.clear();
                 }
@@ -229,8 +282,9 @@ impl Writer {
         }
         // State changes queued during the last batch.
         let marks = self.shared.take_marks();
-        if !marks.is_empty() {
-            conns = self.flush(&pool, conns, &mut rows, marks).await;
+        let cursors = self.shared.take_cursors();
+        if !marks.is_empty() || !cursors.is_empty() {
+            conns = self.flush(&pool, conns, &mut rows, marks, cursors).await;
         }
         drop(conns);
         if own
@@ -352,9 +406,10 @@ impl Writer {
         mut conns: Vec<PoolConnection<Any>>,
         rows: &mut Vec<Row>,
         marks: Vec<Mark>,
+        cursors: Vec<CursorRow>,
     ) -> Vec<PoolConnection<Any>> {
         self.recent.record(&marks, Instant::now());
-        let plan = Plan::new(rows, marks, &self.recent, self.dialect, &self.cfg);
+        let plan = Plan::new(rows, marks, cursors, &self.recent, self.dialect, &self.cfg);
         let mut backoff = self.cfg.retry_initial.max(Duration::from_millis(1));
         let mut quick_retry = true;
         loop {
@@ -390,6 +445,8 @@ impl Writer {
             }
             if self.past_deadline() {
                 self.give_up(rows, &error);
+                // Cursors stay queued: the final round in `run` tries them once more.
+                self.shared.restore_cursors(&plan.cursors);
                 return Vec::new();
             }
             if quick_retry && self.failing.is_none() && error.is_connection() {
@@ -559,6 +616,30 @@ struct Plan {
     /// State changes, applied by the first transaction. Those of rows in this batch are already
     /// in `states`, so it does not matter which transaction commits first.
     marks: Vec<MarkStatement>,
+    /// Device cursors to raise, also by the first transaction.
+    cursors: Vec<CursorRow>,
+}
+
+/// The state changes and cursor updates one transaction carries besides its rows.
+#[derive(Clone, Copy)]
+struct Updates<'a> {
+    marks: &'a [MarkStatement],
+    cursors: &'a [CursorRow],
+}
+
+impl Updates<'_> {
+    const NONE: Updates<'static> = Updates {
+        marks: &[],
+        cursors: &[],
+    };
+}
+
+/// One device cursor to raise.
+pub(crate) struct CursorRow {
+    user: Arc<str>,
+    device: Arc<str>,
+    seq: i64,
+    at_ms: i64,
 }
 
 struct MarkStatement {
@@ -571,6 +652,7 @@ impl Plan {
     fn new(
         rows: &[Row],
         marks: Vec<Mark>,
+        cursors: Vec<CursorRow>,
         recent: &RecentMarks,
         dialect: Dialect,
         cfg: &WriterConfig,
@@ -621,6 +703,7 @@ impl Plan {
             states,
             lanes: plan_lanes,
             marks: plan_marks(marks, dialect.max_bind_params().min(MAX_MARK_PARAMS)),
+            cursors,
         }
     }
 }
@@ -735,8 +818,15 @@ async fn write_batch(
         .enumerate()
         .map(|(i, chunks)| {
             let conn = kept.pop();
-            let marks: &[MarkStatement] = if i == 0 { &plan.marks } else { &[] };
-            write_lane(pool, conn, dialect, rows, &plan.states, chunks, marks)
+            let updates = if i == 0 {
+                Updates {
+                    marks: &plan.marks,
+                    cursors: &plan.cursors,
+                }
+            } else {
+                Updates::NONE
+            };
+            write_lane(pool, conn, dialect, rows, &plan.states, chunks, updates)
         })
         .collect();
     // The connections of a batch that needs fewer transactions than the last one go back to
@@ -785,20 +875,22 @@ async fn write_lane(
     rows: &[Row],
     states: &[i16],
     chunks: &[Range<usize>],
-    marks: &[MarkStatement],
+    updates: Updates<'_>,
 ) -> Result<(LaneWritten, PoolConnection<Any>), AttemptError> {
     let mut checkout = Checkout(Some(match kept {
         Some(conn) => conn,
         None => pool.acquire().await?,
     }));
     let conn: &mut sqlx::AnyConnection = checkout.conn();
-    let done = if chunks.len() + marks.len() > 1 {
+    let statements =
+        chunks.len() + updates.marks.len() + updates.cursors.len().div_ceil(CURSORS_PER_STATEMENT);
+    let done = if statements > 1 {
         let mut tx = conn.begin().await?;
-        let done = lane_statements(&mut tx, dialect, rows, states, chunks, marks).await?;
+        let done = lane_statements(&mut tx, dialect, rows, states, chunks, updates).await?;
         tx.commit().await?;
         done
     } else {
-        lane_statements(conn, dialect, rows, states, chunks, marks).await?
+        lane_statements(conn, dialect, rows, states, chunks, updates).await?
     };
     // Committed: the rows of this lane are there, and so are the ones they repeat (a
     // duplicate's INSERT waits for the transaction holding its key to end).
@@ -829,8 +921,9 @@ async fn lane_statements(
     rows: &[Row],
     states: &[i16],
     chunks: &[Range<usize>],
-    marks: &[MarkStatement],
+    updates: Updates<'_>,
 ) -> Result<LaneDone, sqlx::Error> {
+    let Updates { marks, cursors } = updates;
     let mut done = LaneDone {
         inserted: 0,
         unsure: Vec::new(),
@@ -850,7 +943,8 @@ async fn lane_statements(
                 .bind(msg.body.as_str())
                 .bind(msg.client_msg_id.as_deref())
                 .bind(row.created_at_ms)
-                .bind(states[i]);
+                .bind(states[i])
+                .bind(row.seq);
         }
         let affected = query.execute(&mut *conn).await?.rows_affected();
         done.inserted += affected;
@@ -871,6 +965,18 @@ async fn lane_statements(
             }
         }
         done.state_updates += query.execute(&mut *conn).await?.rows_affected();
+    }
+    for chunk in cursors.chunks(CURSORS_PER_STATEMENT) {
+        let text = sql::upsert_cursors(dialect, chunk.len());
+        let mut query = sqlx::query(&text);
+        for c in chunk {
+            query = query
+                .bind(&*c.user)
+                .bind(&*c.device)
+                .bind(c.seq)
+                .bind(c.at_ms);
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(done)
 }
@@ -1040,6 +1146,7 @@ mod tests {
             .map(|i| Row {
                 id: i as i64,
                 created_at_ms: 0,
+                seq: i as i64,
                 msg: NewMessage {
                     id: MessageId(i as u64),
                     sender: None,
@@ -1049,6 +1156,7 @@ mod tests {
                     client_msg_id: None,
                     created_at_ms: 0,
                     state: DeliveryState::Pending,
+                    seq: i as u64,
                 },
                 done: oneshot::channel().0,
             })
@@ -1085,6 +1193,7 @@ mod tests {
         let plan = Plan::new(
             &batch,
             Vec::new(),
+            Vec::new(),
             &recent,
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
@@ -1096,27 +1205,30 @@ mod tests {
         let plan = Plan::new(
             &small,
             Vec::new(),
+            Vec::new(),
             &recent,
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
         assert_eq!(plan.lanes, vec![vec![0..PARALLEL_MIN_ROWS - 1]]);
 
-        // SQLite's parameter limit: 32766 / 8 = 4095 rows per statement.
+        // SQLite's parameter limit: 32766 / 9 = 3640 rows per statement.
         let big = rows(9_000, 1);
         let plan = Plan::new(
             &big,
+            Vec::new(),
             Vec::new(),
             &recent,
             Dialect::Sqlite,
             &config(1, 10_000, 1 << 30),
         );
-        assert_eq!(plan.lanes, vec![vec![0..4_095, 4_095..8_190, 8_190..9_000]]);
+        assert_eq!(plan.lanes, vec![vec![0..3_640, 3_640..7_280, 7_280..9_000]]);
 
         // The byte budget: bodies of 1000 bytes (+ 67 of the rest) in 4000-byte statements.
         let wide = rows(10, 1_000);
         let plan = Plan::new(
             &wide,
+            Vec::new(),
             Vec::new(),
             &recent,
             Dialect::MySql,
@@ -1133,6 +1245,7 @@ mod tests {
         let plan = Plan::new(
             &[],
             vec![mark(1, "a", DeliveryState::Delivered)],
+            Vec::new(),
             &recent,
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),

@@ -1,6 +1,7 @@
 //! Test harness: a real gateway node on port 0, real sockets, real HTTP.
 #![allow(dead_code)]
 
+pub mod proxy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -186,6 +187,9 @@ impl TestNode {
 pub struct Client {
     pub conn: ClientConnection,
     counter: u64,
+    /// Whether `recv` hands over `caught_up` frames (skipped by default: most tests are
+    /// about other frames).
+    pub see_caught_up: bool,
 }
 
 impl Client {
@@ -194,7 +198,11 @@ impl Client {
     }
 
     pub fn from_conn(conn: ClientConnection) -> Client {
-        Client { conn, counter: 0 }
+        Client {
+            conn,
+            counter: 0,
+            see_caught_up: false,
+        }
     }
 
     pub async fn login(
@@ -205,10 +213,12 @@ impl Client {
     ) -> ServerFrame {
         self.send(ClientFrame::Login {
             token: token.to_owned(),
-            device_id: "test-device".to_owned(),
+            // One device per channel type: a user's app and web connections are two devices.
+            device_id: format!("device-{channel}"),
             channel: channel.to_owned(),
             client_version: Some("test".into()),
             heartbeat,
+            last_seq: None,
         })
         .await;
         self.recv().await.expect("a reply to login")
@@ -225,7 +235,23 @@ impl Client {
 
     /// The next frame, `None` when the server closed the connection; panics after `bound`.
     pub async fn recv_within(&mut self, bound: Duration) -> Option<ServerFrame> {
-        match tokio::time::timeout(bound, self.conn.recv()).await {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match tokio::time::timeout_at(deadline, self.conn.recv()).await {
+                Ok(Ok(Some(ServerFrame::CaughtUp { .. }))) if !self.see_caught_up => continue,
+                other => return Self::received(other, bound),
+            }
+        }
+    }
+
+    fn received(
+        r: Result<
+            Result<Option<ServerFrame>, imgate_shared::connection::ConnectionError>,
+            tokio::time::error::Elapsed,
+        >,
+        bound: Duration,
+    ) -> Option<ServerFrame> {
+        match r {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
                 // A reset after the server closed counts as closed.
