@@ -81,6 +81,8 @@ impl Node {
 #[derive(Default)]
 struct Log {
     connected: Vec<(Instant, String)>,
+    /// When a connection resumed its session (fast reconnect) instead of logging in.
+    resumed: Vec<Instant>,
     kicked: Vec<(Instant, KickReason)>,
     disconnected: Vec<(Instant, String)>,
     messages: HashMap<MessageId, (Instant, Message)>,
@@ -104,9 +106,22 @@ impl User {
                 let now = Instant::now();
                 let mut l = log2.lock().unwrap();
                 match event {
-                    Event::Connected { node_id, .. } => {
-                        say(&format!("{name2}: connected to {node_id}"));
+                    Event::Connected {
+                        node_id,
+                        resumed,
+                        cursor,
+                        ..
+                    } => {
+                        let how = if resumed { "resumed its session" } else { "logged in" };
+                        say(&format!("{name2}: connected to {node_id} ({how}, cursor {cursor})"));
+                        if resumed {
+                            l.resumed.push(now);
+                        }
                         l.connected.push((now, node_id));
+                    }
+                    Event::CaughtUp { .. } => {}
+                    Event::Expired { from_seq, to_seq } => {
+                        l.errors.push(format!("positions {from_seq}..={to_seq} expired"));
                     }
                     Event::Message(m) => {
                         l.messages.insert(m.id, (now, m));
@@ -699,6 +714,12 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
         if *n == n2.id {
             failures.push(format!("{} reconnected to the stopped node {n}", u.name));
         }
+        if !u.log.lock().unwrap().resumed.iter().any(|t| *t >= stop_at) {
+            failures.push(format!(
+                "{} logged in again on {n} instead of resuming its session",
+                u.name
+            ));
+        }
         let kicks: Vec<_> = u
             .log
             .lock()
@@ -724,7 +745,8 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
         println!("  {} reconnect path: {}", u.name, disconnects.join(" | "));
     }
 
-    // Wait (up to 5 s) for the last pushes, then classify every send.
+    // Wait (up to 5 s) for the last pushes (stored ones included: a reconnect replays them),
+    // then classify every send.
     let users: HashMap<&str, &User> = [&alice, &bob, &carol, &erin]
         .into_iter()
         .map(|u| (u.id.as_str(), u))
@@ -735,7 +757,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
         let s = sends.lock().unwrap();
         s.iter()
             .all(|x| match &x.outcome {
-                Some((_, Ok(r))) if r.status == SendStatus::Delivered => {
+                Some((_, Ok(r))) if r.status != SendStatus::Refused => {
                     r.id.is_some_and(|id| users[x.to.as_str()].has(id))
                 }
                 _ => true,
@@ -789,6 +811,11 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
                                 ": stored (id {id}) although the recipient had reconnected"
                             )));
                         }
+                        if !received {
+                            failures.push(what(&format!(
+                                ": stored (id {id}) but not replayed after the reconnect: LOST"
+                            )));
+                        }
                         stored.push((id, what(""), received, (*got - s.at).as_millis()));
                     }
                 }
@@ -835,7 +862,7 @@ async fn failover(ctx: &Ctx, stop_cmd: &str) -> Result<()> {
         let m = ctx.admin_get(n1, &format!("/api/v1/messages/{id}")).await;
         match m {
             Ok(m) => println!(
-                "    stored: {what}: id {id}, receipt after {took} ms, received live: {received}, state in the store: {}",
+                "    stored: {what}: id {id}, receipt after {took} ms, received (replayed after the reconnect): {received}, state in the store: {}",
                 m["state"]
             ),
             Err(e) => failures.push(format!("stored message {id} ({what}) is not in the store: {e:#}")),
