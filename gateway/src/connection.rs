@@ -348,8 +348,12 @@ impl Connection {
                 ticket
             }
         };
-        let stored_cursor = match node.store().cursor(&handle.user, &handle.device_id).await {
-            Ok(c) => c,
+        let (stored_cursor, stored_head) = match node
+            .store()
+            .device_start(&handle.user, &handle.device_id)
+            .await
+        {
+            Ok(start) => start,
             Err(e) => {
                 warn!(error = %e, "cannot read the device's cursor");
                 self.unregister(&handle).await;
@@ -360,26 +364,19 @@ impl Connection {
             }
         };
         let cursor = stored_cursor.max(hello.last_seq);
-        let mut head = match node.cluster().stream_head(&handle.user).await {
-            Ok(head) => head,
+        // Embedded: the first connection of a user since the node started sets the user's
+        // counter from the store, so that messages to the user need no database read.
+        node.cluster().prime_seq(&handle.user, stored_head);
+        // The last position taken, committed or not (the stored head lags it by the writes in
+        // flight): replay waits for every position up to it. No counter means no position was
+        // taken since the stored head, and any taken from now on is pushed here live.
+        let head = match node.cluster().stream_head(&handle.user).await {
+            Ok(head) => Some(head.unwrap_or(0).max(stored_head)),
             Err(e) => {
-                debug!(error = %e, "stream head unknown; replay relies on the database");
+                debug!(error = %e, "stream head unknown; replay reads the database");
                 None
             }
         };
-        if head.is_none() && !node.cluster().is_clustered() {
-            // Embedded: the first connection of a user since the node started sets the user's
-            // counter from the store, so that messages to the user need no database read.
-            if let Ok(floor) = node.store().stream_head(&handle.user).await {
-                node.cluster().prime_seq(&handle.user, floor);
-                head = node
-                    .cluster()
-                    .stream_head(&handle.user)
-                    .await
-                    .ok()
-                    .flatten();
-            }
-        }
 
         metrics::gauge_connections(self.kind, &handle.channel, 1.0);
         metrics::counter_login(if resumed { "resumed" } else { "ok" });
@@ -404,19 +401,29 @@ impl Connection {
             server_time_ms: unix_millis(),
             protocol: PROTOCOL_VERSION,
         };
-        if let Err(e) = self.reply(&result).await {
-            self.unregister(&handle).await;
-            metrics::gauge_connections(self.kind, &handle.channel, -1.0);
-            return Err(Close::Io(e.to_string()));
-        }
-        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
-        let stream = DeviceStream::new(
+        let mut stream = DeviceStream::new(
             node.streams.clone(),
             handle.channel.clone(),
             cursor,
             head,
             Instant::now(),
         );
+        // With nothing to replay, `caught_up` goes out in the same write as `login_result`.
+        let mut first = vec![Outgoing {
+            payload: result.encode(),
+            accepted: None,
+            push: false,
+        }];
+        metrics::counter_frame_out(result.kind());
+        stream.pump(Instant::now(), &mut first);
+        // Written even if a newer login displaced this one meanwhile: the client learns that it
+        // logged in, then that it was kicked.
+        if let Err(close) = self.write_out(None, &mut first).await {
+            self.unregister(&handle).await;
+            metrics::gauge_connections(self.kind, &handle.channel, -1.0);
+            return Err(close);
+        }
+        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
         Ok(Bound {
             handle,
             outbox: rx,
@@ -444,10 +451,9 @@ impl Connection {
         let mut armed: Option<Instant> = None;
         let mut fetch: Option<(Fetch, PageFuture)> = None;
         let mut out: Vec<Outgoing> = Vec::new();
-        stream.pump(Instant::now(), &mut out);
         let close = loop {
             if !out.is_empty() {
-                if let Err(close) = self.write_out(&handle, &mut out).await {
+                if let Err(close) = self.write_out(Some(&handle), &mut out).await {
                     break close;
                 }
             }
@@ -572,11 +578,11 @@ impl Connection {
         close
     }
 
-    /// Writes `out` with one flush (bounded by the write timeout, cut short by a kick), then
-    /// clears it.
+    /// Writes `out` with one flush (bounded by the write timeout, cut short by a kick of
+    /// `handle` when given), then clears it.
     async fn write_out(
         &mut self,
-        handle: &ConnHandle,
+        handle: Option<&ConnHandle>,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), Close> {
         let node = self.node.clone();
@@ -590,11 +596,18 @@ impl Connection {
         };
         // A write blocked on a client that does not read ends at the write timeout, or sooner
         // when the connection is kicked meanwhile.
+        let kicked = async {
+            match handle {
+                Some(h) => {
+                    h.control.kicked().await;
+                    h.control.reason().unwrap_or(KickReason::Admin)
+                }
+                None => std::future::pending().await,
+            }
+        };
         let written = tokio::select! {
             written = timeout(write_timeout, batch) => written,
-            _ = handle.control.kicked() => {
-                return Err(Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin)))
-            }
+            reason = kicked => return Err(Close::Kick(reason)),
         };
         match written {
             Ok(Ok(())) => {

@@ -67,6 +67,7 @@ on_both_backends!(
     ids_compare_byte_for_byte,
     reopening_keeps_rows_and_migrates_once,
     refusals_happen_before_anything_is_queued,
+    streams_and_cursors_are_read_back_in_order_and_in_batches,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -860,6 +861,65 @@ async fn close_flushes_everything_queued(backend: Backend) {
         0,
         "closing twice is harmless"
     );
+}
+
+async fn streams_and_cursors_are_read_back_in_order_and_in_batches(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.open().await;
+    // 20 users, user-i with i * 3 messages at positions 1..=i*3, written out of order.
+    let mut messages = Vec::new();
+    for i in 0..20u64 {
+        for seq in (1..=i * 3).rev() {
+            let mut m = message(
+                Some("alice"),
+                &format!("user-{i}"),
+                &format!("{{\"seq\":{seq}}}"),
+            );
+            m.seq = seq;
+            messages.push(m);
+        }
+    }
+    for result in join_all(write_all(&store, messages).await).await {
+        assert_eq!(result.unwrap(), Persisted::Stored);
+    }
+    // Cursors only rise; the device of user-i acknowledged i.
+    let user = |i: u64| -> std::sync::Arc<str> { format!("user-{i}").into() };
+    let device: std::sync::Arc<str> = "phone".into();
+    for i in 0..20 {
+        store.save_cursor(&user(i), &device, i);
+        store.save_cursor(&user(i), &device, i / 2);
+    }
+    settle(&store).await;
+    // Many logins at once share statements; each gets its own device's answer.
+    let starts = join_all((0..20).flat_map(|i| {
+        let store = store.clone();
+        let (u, d) = (user(i), device.clone());
+        let other: std::sync::Arc<str> = "laptop".into();
+        let store2 = store.clone();
+        let u2 = u.clone();
+        [
+            Box::pin(async move { (i, false, store.device_start(&u, &d).await.unwrap()) })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+            Box::pin(async move { (i, true, store2.device_start(&u2, &other).await.unwrap()) }),
+        ]
+    }))
+    .await;
+    for (i, other_device, (cursor, head)) in starts {
+        assert_eq!(head, i * 3, "user-{i}'s stored head");
+        assert_eq!(
+            cursor,
+            if other_device { 0 } else { i },
+            "user-{i}'s cursor"
+        );
+    }
+    // A stream page: positions from a point on, in order, at most `limit`.
+    let page = store.stream("user-19", 10, 5).await.unwrap();
+    let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![10, 11, 12, 13, 14]);
+    assert_eq!(page[0].body, "{\"seq\":10}");
+    assert_eq!(store.stream_head("user-19").await.unwrap(), 57);
+    assert_eq!(store.stream_head("nobody").await.unwrap(), 0);
+    assert!(store.stream("user-1", 4, 10).await.unwrap().is_empty());
 }
 
 async fn close_finishes_while_acknowledgements_keep_coming(backend: Backend) {

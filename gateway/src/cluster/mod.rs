@@ -239,6 +239,7 @@ struct Inner {
     seqs: DashMap<Arc<str>, u64>,
     /// Embedded only: sessions by id, with their expiry.
     sessions: DashMap<String, (Session, std::time::Instant)>,
+    sessions_created: AtomicU64,
     session_ttl: Duration,
 }
 
@@ -410,6 +411,7 @@ impl Cluster {
             owed_kicks: std::sync::Mutex::new(Vec::new()),
             seqs: DashMap::new(),
             sessions: DashMap::new(),
+            sessions_created: AtomicU64::new(0),
             session_ttl: Duration::from_secs(settings.delivery.session_ttl_secs),
         });
         tokio::spawn(inner.clone().receive(subscription));

@@ -14,8 +14,8 @@ use tokio::time::timeout;
 use super::{Cluster, ClusterError};
 use crate::auth::unix_millis;
 
-/// Most sessions the embedded map holds before it sweeps expired ones.
-const SWEEP_AT: usize = 4_096;
+/// The embedded map sweeps out expired sessions once every this many new sessions.
+const SWEEP_EVERY: u64 = 4_096;
 
 /// What a session restores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +98,10 @@ impl Cluster {
         let ticket = self.new_ticket(new_id());
         let Some(redis) = &inner.redis else {
             let now = Instant::now();
-            if inner.sessions.len() >= SWEEP_AT {
+            let created = inner
+                .sessions_created
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if created % SWEEP_EVERY == SWEEP_EVERY - 1 {
                 inner.sessions.retain(|_, (_, expires)| *expires > now);
             }
             inner.sessions.insert(

@@ -19,6 +19,7 @@
 
 mod setup;
 mod sql;
+mod starts;
 mod writer;
 
 use std::fmt;
@@ -285,6 +286,9 @@ pub enum StoreError {
     /// A read failed.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// A read shared by several callers failed (the error, as text, for each of them).
+    #[error("database read failed: {0}")]
+    ReadFailed(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -418,6 +422,7 @@ struct Inner {
     shared: Arc<Shared>,
     enqueue_timeout: Duration,
     limits: Limits,
+    starts: starts::StartReader,
 }
 
 impl fmt::Debug for Store {
@@ -496,6 +501,7 @@ impl Store {
             .spawn(runtime)
             .map_err(|e| StoreError::Config(format!("cannot start the writer thread: {e}")))?;
         info!(backend = dialect.name(), "message store open");
+        let starts = starts::StartReader::start(reads.clone(), dialect);
         Ok(Store {
             inner: Arc::new(Inner {
                 dialect,
@@ -505,6 +511,7 @@ impl Store {
                 shared,
                 enqueue_timeout: Duration::from_millis(settings.enqueue_timeout_ms),
                 limits,
+                starts,
             }),
         })
     }
@@ -747,20 +754,15 @@ impl Store {
         Ok(head.map_or(0, |h| u64::try_from(h).unwrap_or(0)))
     }
 
-    /// The position `device` of `user` has acknowledged; 0 when it never acknowledged any.
-    pub async fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError> {
-        let row = sqlx::query(&self.inner.queries.cursor)
-            .bind(user)
-            .bind(device)
-            .fetch_optional(&self.inner.reads)
-            .await?;
-        match row {
-            None => Ok(0),
-            Some(row) => {
-                let seq: i64 = row.try_get(0)?;
-                Ok(u64::try_from(seq).unwrap_or(0))
-            }
-        }
+    /// Where a device starts: the position `device` of `user` has acknowledged (0 when it
+    /// never acknowledged any) and the highest committed position of the user's stream (0 when
+    /// none). Lookups of concurrent logins share statements.
+    pub async fn device_start(
+        &self,
+        user: &Arc<str>,
+        device: &Arc<str>,
+    ) -> Result<(u64, u64), StoreError> {
+        self.inner.starts.get(user, device).await
     }
 
     /// Raises the cursor of `device` of `user` to `seq` in the writer's next batch (never

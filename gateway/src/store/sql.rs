@@ -112,6 +112,31 @@ pub fn upsert_cursors(dialect: Dialect, rows: usize) -> String {
     sql
 }
 
+/// The cursors of `n` devices: binds (user_id, device_id) × n; rows (user_id, device_id,
+/// acked_seq) of the devices that have one.
+pub fn cursors(n: usize) -> String {
+    let mut sql = String::from("SELECT user_id, device_id, acked_seq FROM device_cursors WHERE ");
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(" OR ");
+        }
+        sql.push_str("(user_id = ? AND device_id = ?)");
+    }
+    sql
+}
+
+/// The stored heads of `n` users' streams: binds the users; rows (recipient, MAX(seq)) of the
+/// users that have messages.
+pub fn stream_heads(dialect: Dialect, n: usize) -> String {
+    let mut sql = format!(
+        "SELECT recipient, MAX(seq) FROM {} WHERE recipient IN (",
+        messages_by(dialect, "ix_messages_stream")
+    );
+    placeholders(&mut sql, n);
+    sql.push_str(") GROUP BY recipient");
+    sql
+}
+
 /// Which of `n` ids exist.
 pub fn existing_ids(n: usize) -> String {
     let mut sql = String::from("SELECT id FROM messages WHERE id IN (");
@@ -172,8 +197,7 @@ pub struct Queries {
     pub stream: String,
     /// The highest position of a user's stream that is stored: binds recipient.
     pub stream_head: String,
-    /// A device's cursor: binds user_id, device_id.
-    pub cursor: String,
+
     /// Pending messages of a user after a cursor, oldest first: binds recipient, after, limit.
     pub pending: String,
     /// Everything a user sent or received before a cursor, newest first: binds, three times
@@ -231,8 +255,7 @@ impl Queries {
                 "SELECT {COLUMNS} FROM {stream} WHERE recipient = ? AND seq >= ? ORDER BY seq LIMIT ?"
             ),
             stream_head: format!("SELECT MAX(seq) FROM {stream} WHERE recipient = ?"),
-            cursor: "SELECT acked_seq FROM device_cursors WHERE user_id = ? AND device_id = ?"
-                .into(),
+
             pending: format!(
                 "SELECT {COLUMNS} FROM {pending_index} \
                  WHERE recipient = ? AND state = 0 AND id > ? ORDER BY id LIMIT ?"
@@ -320,6 +343,7 @@ mod tests {
         for dialect in [Dialect::MySql, Dialect::Sqlite] {
             assert_eq!(count(&upsert_cursors(dialect, 3)), 12);
         }
+        assert_eq!(count(&cursors(3)), 6);
         assert!(insert(Dialect::MySql, 1).starts_with("INSERT IGNORE INTO messages"));
         assert!(insert(Dialect::Sqlite, 1).starts_with("INSERT OR IGNORE INTO messages"));
         assert_eq!(count(&existing_ids(5)), 5);
@@ -335,7 +359,7 @@ mod tests {
             assert_eq!(count(&q.pending), 3);
             assert_eq!(count(&q.stream), 3);
             assert_eq!(count(&q.stream_head), 1);
-            assert_eq!(count(&q.cursor), 2);
+            assert_eq!(count(&stream_heads(dialect, 3)), 3);
         }
         assert!(Queries::new(Dialect::MySql)
             .pending

@@ -1,0 +1,130 @@
+//! Where devices start, read in batches. Every login and resume needs its device's cursor and its
+//! user's stored head; one query per login costs more than the rest of the login (SQLite hands
+//! each query to a worker thread and back). So the lookups of logins that arrive together share
+//! statements: a task takes whatever is queued (up to [`MAX_BATCH`]) and reads it with two
+//! statements, a few batches at a time. An idle node answers a lone login at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::{AnyPool, Row as _};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::sql::{self, Dialect};
+use super::StoreError;
+
+/// Most lookups one batch carries.
+const MAX_BATCH: usize = 256;
+/// Batches read at once.
+const CONCURRENT_BATCHES: usize = 4;
+/// Lookups waiting for a batch; beyond it callers wait for room.
+const QUEUE: usize = 4_096;
+
+/// A device's cursor and its user's stored head.
+pub type Start = (u64, u64);
+
+struct Lookup {
+    user: Arc<str>,
+    device: Arc<str>,
+    reply: oneshot::Sender<Result<Start, StoreError>>,
+}
+
+/// The queue of lookups; the task reading it stops when every handle is dropped.
+#[derive(Clone)]
+pub(crate) struct StartReader {
+    tx: mpsc::Sender<Lookup>,
+}
+
+impl StartReader {
+    /// Starts the batching task on the current runtime.
+    pub fn start(pool: AnyPool, dialect: Dialect) -> StartReader {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(rx, pool, dialect));
+        StartReader { tx }
+    }
+
+    pub async fn get(&self, user: &Arc<str>, device: &Arc<str>) -> Result<Start, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let lookup = Lookup {
+            user: user.clone(),
+            device: device.clone(),
+            reply,
+        };
+        self.tx.send(lookup).await.map_err(|_| StoreError::Closed)?;
+        answer.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Lookup>, pool: AnyPool, dialect: Dialect) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        // While waiting for a permit more lookups may have queued: take them along.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        let lookups = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let result = read(&pool, dialect, &lookups).await;
+            for (i, l) in lookups.into_iter().enumerate() {
+                let _ = l.reply.send(match &result {
+                    Ok(starts) => Ok(starts[i]),
+                    Err(e) => Err(StoreError::ReadFailed(e.to_string())),
+                });
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Cursors and heads of `lookups`, in their order.
+async fn read(
+    pool: &AnyPool,
+    dialect: Dialect,
+    lookups: &[Lookup],
+) -> Result<Vec<Start>, sqlx::Error> {
+    let cursors_sql = sql::cursors(lookups.len());
+    let mut cursors = sqlx::query(&cursors_sql);
+    for l in lookups {
+        cursors = cursors.bind(&*l.user).bind(&*l.device);
+    }
+    let mut by_device: HashMap<(String, String), u64> = HashMap::new();
+    for row in cursors.fetch_all(pool).await? {
+        let user = sql::text(&row, 0)?.unwrap_or_default();
+        let device = sql::text(&row, 1)?.unwrap_or_default();
+        let seq: i64 = row.try_get(2)?;
+        by_device.insert((user, device), u64::try_from(seq).unwrap_or(0));
+    }
+    let mut users: Vec<&str> = lookups.iter().map(|l| &*l.user).collect();
+    users.sort_unstable();
+    users.dedup();
+    let heads_sql = sql::stream_heads(dialect, users.len());
+    let mut heads = sqlx::query(&heads_sql);
+    for u in &users {
+        heads = heads.bind(*u);
+    }
+    let mut by_user: HashMap<String, u64> = HashMap::new();
+    for row in heads.fetch_all(pool).await? {
+        let user = sql::text(&row, 0)?.unwrap_or_default();
+        let head: Option<i64> = row.try_get(1)?;
+        by_user.insert(user, head.map_or(0, |h| u64::try_from(h).unwrap_or(0)));
+    }
+    Ok(lookups
+        .iter()
+        .map(|l| {
+            let cursor = by_device
+                .get(&(l.user.to_string(), l.device.to_string()))
+                .copied()
+                .unwrap_or(0);
+            let head = by_user.get(&*l.user).copied().unwrap_or(0);
+            (cursor, head)
+        })
+        .collect())
+}
