@@ -5,7 +5,8 @@
 //! - [`codec`]: the TCP framing (4-byte big-endian length prefix, then a UTF-8 JSON object).
 //! - [`claims`]: the JWT claims a login token carries.
 //! - [`connection`]: a low-level client connection over TCP or WebSocket.
-//! - [`client`]: the async client: login, heartbeats, reconnects, acknowledgements, de-duplication.
+//! - [`client`]: the async client: login and resume, heartbeats, reconnects, cumulative
+//!   acknowledgements, exactly-once in-order delivery to the application.
 
 pub mod claims;
 pub mod client;
