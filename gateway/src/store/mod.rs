@@ -704,9 +704,21 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(&self.inner.queries.pending)
+        self.page(&self.inner.queries.pending, user, after, limit)
+            .await
+    }
+
+    /// Runs a page query that binds (user, position, limit) and reads its rows.
+    async fn page(
+        &self,
+        query: &str,
+        user: &str,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(query)
             .bind(user)
-            .bind(after)
+            .bind(position)
             .bind(limit)
             .fetch_all(&self.inner.reads)
             .await?;
@@ -732,16 +744,8 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(&self.inner.queries.stream)
-            .bind(user)
-            .bind(from)
-            .bind(limit)
-            .fetch_all(&self.inner.reads)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(sql::stored_message)
-            .collect::<Result<_, _>>()?)
+        self.page(&self.inner.queries.stream, user, from, limit)
+            .await
     }
 
     /// The highest committed position of `user`'s stream; 0 when the user has no message.
