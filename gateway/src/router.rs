@@ -11,7 +11,7 @@ use imgate_shared::protocol::{encode_push, Body, ErrorCode, MAX_ID_LEN};
 use imgate_shared::{KickReason, MessageId, SendStatus};
 
 use crate::auth::unix_millis;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Route};
 use crate::config::Settings;
 use crate::ids::IdGenerator;
 use crate::metrics::HotMetrics;
@@ -65,6 +65,7 @@ pub struct Submission {
     permit: WritePermit,
     payload: bytes::Bytes,
     local: u32,
+    route: Route,
 }
 
 pub struct Router {
@@ -221,8 +222,15 @@ impl Router {
             }
         };
         let mut row = row;
-        row.seq = match self.cluster.next_seq(&msg.to, floor).await {
-            Ok(seq) => seq,
+        let position = self
+            .cluster
+            .next_position(&msg.to, msg.channel.as_deref(), floor)
+            .await;
+        let route = match position {
+            Ok(p) => {
+                row.seq = p.seq;
+                p.route
+            }
             Err(e) => {
                 tracing::warn!(error = %e, to = %msg.to, "no stream position; message refused");
                 return Err(self.refused(ErrorCode::Unavailable));
@@ -254,6 +262,7 @@ impl Router {
             permit,
             payload,
             local,
+            route,
         })
     }
 
@@ -266,12 +275,19 @@ impl Router {
             permit,
             payload,
             local,
+            route,
         } = s;
         let mut connections = local;
         if self.cluster.is_clustered() {
             let remote = self
                 .cluster
-                .deliver_remote(&row.recipient, row.channel.as_deref(), stamp, payload)
+                .deliver_remote_via(
+                    &row.recipient,
+                    row.channel.as_deref(),
+                    stamp,
+                    payload,
+                    route,
+                )
                 .await;
             connections += remote.connections;
         }

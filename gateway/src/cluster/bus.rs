@@ -19,10 +19,66 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::batch::{Batcher, Limits};
 use super::metrics::{counter_reconnect, gauge_bus_up, BusMetrics};
 
 /// How many received messages may wait for the node's receive loop.
 const SUBSCRIPTION_CAPACITY: usize = 16_384;
+
+/// A channel's messages leave in PUBLISHes of at most this many messages and bytes, one
+/// PUBLISH outstanding at a time (so that they leave in the order they were published).
+const OUTBOX_LIMITS: Limits = Limits {
+    max_items: 256,
+    max_weight: 256 * 1024,
+    in_flight: 1,
+};
+
+type Outbox = Batcher<Bytes, Result<usize, BusError>>;
+
+/// Joins messages into one payload, one per line.
+fn join(mut payloads: Vec<Bytes>) -> Bytes {
+    if payloads.len() == 1 {
+        return payloads.pop().expect("one");
+    }
+    let len = payloads.iter().map(|p| p.len() + 1).sum();
+    let mut joined = bytes::BytesMut::with_capacity(len);
+    for p in payloads {
+        joined.extend_from_slice(&p);
+        joined.extend_from_slice(b"\n");
+    }
+    joined.freeze()
+}
+
+/// The messages of one received payload: the slices of `payload` holding one JSON value each
+/// (a payload published by [`join`] holds several). Stops at the first that is not JSON, after
+/// returning the error.
+pub fn split(payload: &Bytes) -> impl Iterator<Item = Result<Bytes, serde_json::Error>> + '_ {
+    let mut values =
+        serde_json::Deserializer::from_slice(payload).into_iter::<serde::de::IgnoredAny>();
+    let mut start = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        match values.next()? {
+            Ok(_) => {
+                let end = values.byte_offset();
+                let skipped = payload[start..end]
+                    .iter()
+                    .take_while(|b| b.is_ascii_whitespace())
+                    .count();
+                let value = payload.slice(start + skipped..end);
+                start = end;
+                Some(Ok(value))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e))
+            }
+        }
+    })
+}
 
 /// One message received from the bus.
 #[derive(Debug, Clone)]
@@ -34,7 +90,7 @@ pub struct BusMessage {
 /// What a node reads its bus messages from.
 pub type Subscription = mpsc::Receiver<BusMessage>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     #[error("the bus is down")]
     Down,
@@ -43,6 +99,10 @@ pub enum BusError {
 }
 
 /// Publish/subscribe between nodes.
+///
+/// A received payload holds one or more bus messages, concatenated (whitespace between them is
+/// allowed): [`RedisBus`] publishes the messages queued for one channel while a PUBLISH to it
+/// was outstanding as one PUBLISH. Readers split it with [`split`].
 pub trait Bus: Send + Sync + 'static {
     /// Publishes `payload` on `channel`; returns how many subscribers received it.
     fn publish<'a>(
@@ -50,6 +110,10 @@ pub trait Bus: Send + Sync + 'static {
         channel: &'a str,
         payload: Bytes,
     ) -> BoxFuture<'a, Result<usize, BusError>>;
+
+    /// Publishes `payload` on `channel` without waiting for the outcome. `false` when it was
+    /// dropped: the bus is down, or more than `backlog` messages wait to be published.
+    fn post(&self, channel: &str, payload: Bytes, backlog: usize) -> bool;
 
     /// Subscribes to `channels` (exact names), once per bus; the subscription lasts as long as
     /// the bus, across reconnections.
@@ -105,6 +169,12 @@ impl Bus for LocalBus {
         Box::pin(std::future::ready(Ok(received)))
     }
 
+    fn post(&self, channel: &str, payload: Bytes, _backlog: usize) -> bool {
+        // Publishing in-process never waits.
+        drop(self.publish(channel, payload));
+        true
+    }
+
     fn subscribe(&self, channels: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>> {
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
         let mut subs = self.subscribers.write().expect("not poisoned");
@@ -137,9 +207,11 @@ pub struct RedisBus {
     pub(crate) client: Client,
     subscriber: SubscriberClient,
     channels: Mutex<Vec<String>>,
+    /// Per channel, the queue its messages are published from.
+    outboxes: Mutex<HashMap<String, Arc<Outbox>>>,
     commands_up: Arc<AtomicBool>,
     subscriber_up: Arc<AtomicBool>,
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
     /// Signalled when something may have been missed: the command connection or the subscriber
     /// came back after a disconnection, or the receive loop lost messages. The cluster then
     /// re-registers its presence, which repairs what a lost write or a lost kick left behind.
@@ -230,9 +302,10 @@ impl RedisBus {
             client,
             subscriber,
             channels: Mutex::new(Vec::new()),
+            outboxes: Mutex::new(HashMap::new()),
             commands_up: Arc::new(AtomicBool::new(true)),
             subscriber_up: Arc::new(AtomicBool::new(true)),
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
             resync: Arc::new(Notify::new()),
             stop,
             metrics,
@@ -245,6 +318,40 @@ impl RedisBus {
     /// Whether commands (presence, registry) can be sent.
     pub(crate) fn commands_up(&self) -> bool {
         self.commands_up.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
+    }
+
+    /// The queue of `channel`, created on first use.
+    fn outbox(&self, channel: &str) -> Arc<Outbox> {
+        let mut outboxes = self.outboxes.lock().expect("not poisoned");
+        if let Some(o) = outboxes.get(channel) {
+            return o.clone();
+        }
+        let (client, channel_name) = (self.client.clone(), channel.to_owned());
+        let (up, closed) = (self.commands_up.clone(), self.closed.clone());
+        let outbox = Arc::new(Batcher::spawn(
+            OUTBOX_LIMITS,
+            Bytes::len,
+            move |payloads: Vec<Bytes>| {
+                let n = payloads.len();
+                let (client, channel) = (client.clone(), channel_name.clone());
+                let ready = up.load(Ordering::Acquire) && !closed.load(Ordering::Acquire);
+                async move {
+                    let result = if ready {
+                        client
+                            .publish::<i64, _, _>(channel, join(payloads))
+                            .await
+                            .map(|n| n.max(0) as usize)
+                            .map_err(BusError::Redis)
+                    } else {
+                        Err(BusError::Down)
+                    };
+                    (0..n).map(|_| result.clone()).collect()
+                }
+            },
+            self.stop.clone(),
+        ));
+        outboxes.insert(channel.to_owned(), outbox.clone());
+        outbox
     }
 
     /// Follows the command connection: down on an error event, up again once reconnected.
@@ -387,9 +494,15 @@ impl Bus for RedisBus {
             if !self.commands_up() {
                 return Err(BusError::Down);
             }
-            let n: i64 = self.client.publish(channel, payload).await?;
-            Ok(n.max(0) as usize)
+            self.outbox(channel)
+                .call(payload)
+                .await
+                .unwrap_or(Err(BusError::Down))
         })
+    }
+
+    fn post(&self, channel: &str, payload: Bytes, backlog: usize) -> bool {
+        self.commands_up() && self.outbox(channel).post(payload, backlog)
     }
 
     fn subscribe(&self, channels: Vec<String>) -> BoxFuture<'_, Result<Subscription, BusError>> {
@@ -452,6 +565,35 @@ impl Bus for RedisBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_messages_split_back_into_slices_of_the_payload() {
+        let one = Bytes::from_static(br#"{"a":"x\ny","b":[1, 2]}"#);
+        let two = Bytes::from_static(b" {\"c\":\n {}}");
+        let three = Bytes::from_static(b"[3]");
+        assert_eq!(
+            join(vec![one.clone()]),
+            one,
+            "a lone message is sent as it is"
+        );
+        let joined = join(vec![one.clone(), two.clone(), three.clone()]);
+        let parts: Vec<Bytes> = split(&joined).map(Result::unwrap).collect();
+        assert_eq!(parts, vec![one, two.slice(1..), three]);
+        let base = joined.as_ptr() as usize;
+        assert!(parts
+            .iter()
+            .all(|p| (base..base + joined.len()).contains(&(p.as_ptr() as usize))));
+
+        let broken = Bytes::from_static(b"{\"a\":1}\n{nope}\n{\"b\":2}");
+        let parts: Vec<_> = split(&broken).collect();
+        assert_eq!(parts.len(), 2, "stops after the first error");
+        assert_eq!(
+            parts[0].as_ref().unwrap(),
+            &Bytes::from_static(b"{\"a\":1}")
+        );
+        assert!(parts[1].is_err());
+        assert_eq!(split(&Bytes::new()).count(), 0);
+    }
 
     #[tokio::test]
     async fn local_bus_delivers_to_subscribers_of_the_channel_only() {

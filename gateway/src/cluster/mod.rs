@@ -30,6 +30,7 @@
 //! | `{p}:tag:{n}`         | string  | the node instance holding message-id tag `n`, same TTL     |
 //! | `{p}:presence:{user}` | hash    | the user's connections on every node (one field each)      |
 
+mod batch;
 pub mod bus;
 mod envelope;
 mod keys;
@@ -51,13 +52,14 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use imgate_shared::KickReason;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 pub use bus::{Bus, BusError, BusMessage, LocalBus, RedisBus, Subscription};
 pub use sessions::{Resume, Session, SessionTicket};
+pub use streams::{Position, Route};
 
 use crate::auth::unix_millis;
 use crate::config::{DuplicateLoginPolicy, RoutingMode, Settings};
@@ -70,8 +72,8 @@ use nodes::{Identity, NodeRegistry};
 use presence::{Presence, Registration};
 use scripts::Scripts;
 
-/// Replies being published at once; beyond this a reply is dropped (its requester times out and
-/// reports an incomplete delivery) rather than letting tasks pile up while Redis is slow.
+/// Replies waiting to be published; beyond this a reply is dropped (its requester times out and
+/// reports an incomplete delivery) rather than letting them pile up while Redis is slow.
 const MAX_REPLIES_IN_FLIGHT: usize = 10_000;
 /// Duplicate-login kicks kept for retry while they cannot be published.
 const MAX_OWED_KICKS: usize = 10_000;
@@ -163,7 +165,7 @@ pub enum RegisterOutcome {
     Rejected,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {
     /// Redis could not be reached within `cluster.connect_timeout_ms`, or the URL is invalid.
     #[error("cannot connect to Redis: {0}")]
@@ -225,7 +227,6 @@ struct Inner {
     /// Requests waiting for replies: request id → where replies' counts go.
     pending: DashMap<u64, mpsc::UnboundedSender<u64>>,
     next_req: AtomicU64,
-    reply_permits: Arc<Semaphore>,
     metrics: BusMetrics,
     stop: CancellationToken,
     left: AtomicBool,
@@ -235,6 +236,8 @@ struct Inner {
     tag_lost: AtomicBool,
     /// Duplicate-login kicks that could not be published: (channel, message).
     owed_kicks: std::sync::Mutex<Vec<(String, Bytes)>>,
+    /// With Redis: stream positions (and routes) of concurrent messages, asked in batches.
+    positions: Option<streams::Positions>,
     /// Embedded only: stream counters per user.
     seqs: DashMap<Arc<str>, u64>,
     /// Embedded only: sessions by id, with their expiry.
@@ -390,6 +393,15 @@ impl Cluster {
             }
         };
 
+        let positions = redis.as_ref().map(|r| {
+            streams::positions(
+                r.bus.client.clone(),
+                r.scripts.clone(),
+                keys.clone(),
+                c.routing,
+                stop.clone(),
+            )
+        });
         let inner = Arc::new(Inner {
             me,
             tag,
@@ -402,13 +414,13 @@ impl Cluster {
             redis,
             pending: DashMap::new(),
             next_req: AtomicU64::new(1),
-            reply_permits: Arc::new(Semaphore::new(MAX_REPLIES_IN_FLIGHT)),
             metrics,
             stop: stop.clone(),
             left: AtomicBool::new(false),
             upkeep: tokio::sync::Mutex::new(()),
             tag_lost: AtomicBool::new(false),
             owed_kicks: std::sync::Mutex::new(Vec::new()),
+            positions,
             seqs: DashMap::new(),
             sessions: DashMap::new(),
             sessions_created: AtomicU64::new(0),
@@ -470,9 +482,28 @@ impl Cluster {
         stamp: crate::registry::Stamp,
         push: Bytes,
     ) -> RemoteDelivery {
+        self.deliver_remote_via(user, channel, stamp, push, Route::UNKNOWN)
+            .await
+    }
+
+    /// [`deliver_remote`](Self::deliver_remote) to the nodes `route` names when it was read
+    /// with the message's position (see [`next_position`](Self::next_position)).
+    pub async fn deliver_remote_via(
+        &self,
+        user: &str,
+        channel: Option<&str>,
+        stamp: crate::registry::Stamp,
+        push: Bytes,
+        route: Route,
+    ) -> RemoteDelivery {
         let inner = &self.inner;
         let Some(redis) = &inner.redis else {
             return RemoteDelivery::NONE;
+        };
+        let known = match route.0 {
+            Some(nodes) if nodes.is_empty() => return RemoteDelivery::NONE,
+            Some(nodes) => Some(Targets::Nodes(nodes)),
+            None => None,
         };
         let deadline = Instant::now() + inner.request_timeout;
         if !self.bus_up() {
@@ -482,12 +513,15 @@ impl Cluster {
         let Some(raw) = inner.checked_push(&push, Kind::Deliver) else {
             return RemoteDelivery::UNAVAILABLE;
         };
-        let targets = match inner
-            .targets(redis, user, channel, deadline, Kind::Deliver)
-            .await
-        {
-            Ok(targets) => targets,
-            Err(nobody) => return nobody,
+        let targets = match known {
+            Some(targets) => targets,
+            None => match inner
+                .targets(redis, user, channel, deadline, Kind::Deliver)
+                .await
+            {
+                Ok(targets) => targets,
+                Err(nobody) => return nobody,
+            },
         };
         let me = &inner.me;
         inner

@@ -16,11 +16,13 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, error, warn};
 
-use super::bus::{BusError, BusMessage, Subscription};
+use super::bus::{split, BusError, BusMessage, Subscription};
 use super::envelope::{push_bytes, raw_push, Envelope};
 use super::metrics::Kind;
 use super::presence::StoredEntry;
-use super::{ClusterError, Inner, Redis, RemoteDelivery, Targets, MAX_OWED_KICKS};
+use super::{
+    ClusterError, Inner, Redis, RemoteDelivery, Targets, MAX_OWED_KICKS, MAX_REPLIES_IN_FLIGHT,
+};
 
 /// Removes a pending request when its requester returns or is cancelled.
 struct PendingGuard<'a> {
@@ -279,12 +281,25 @@ impl Inner {
         }
     }
 
+    /// Acts on every message of a received payload (one PUBLISH may carry several).
     fn dispatch(self: &Arc<Self>, msg: BusMessage) {
-        let env = match Envelope::decode(&msg.payload) {
+        for one in split(&msg.payload) {
+            match one {
+                Ok(payload) => self.dispatch_one(&msg.channel, payload),
+                Err(e) => {
+                    self.metrics.undecodable.increment(1);
+                    debug!(error = %e, channel = %msg.channel, "undecodable bus message");
+                }
+            }
+        }
+    }
+
+    fn dispatch_one(self: &Arc<Self>, channel: &str, payload: Bytes) {
+        let env = match Envelope::decode(&payload) {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.undecodable.increment(1);
-                debug!(error = %e, channel = %msg.channel, "undecodable bus message");
+                debug!(error = %e, %channel, "undecodable bus message");
                 return;
             }
         };
@@ -308,7 +323,7 @@ impl Inner {
                     &user,
                     channel.as_deref(),
                     crate::registry::Stamp { id, seq },
-                    push_bytes(&msg.payload, push),
+                    push_bytes(&payload, push),
                 );
                 self.reply(&from, &from_instance, req, u64::from(n));
             }
@@ -324,7 +339,7 @@ impl Inner {
                 }
                 let n = self
                     .local
-                    .broadcast_local(channel.as_deref(), push_bytes(&msg.payload, push));
+                    .broadcast_local(channel.as_deref(), push_bytes(&payload, push));
                 self.reply(&from, &from_instance, req, n as u64);
             }
             Envelope::KickUser {
@@ -373,12 +388,9 @@ impl Inner {
         }
     }
 
-    /// Answers request `req` of `to_node` without holding up the receive loop.
-    fn reply(self: &Arc<Self>, to_node: &str, to_instance: &str, req: u64, count: u64) {
-        let Ok(permit) = self.reply_permits.clone().try_acquire_owned() else {
-            self.metrics.reply_backlog.increment(1);
-            return;
-        };
+    /// Answers request `req` of `to_node` without holding up the receive loop: the answer joins
+    /// the queue of the requester's channel.
+    fn reply(&self, to_node: &str, to_instance: &str, req: u64, count: u64) {
         let payload = Envelope::Reply {
             req,
             to_instance: to_instance.into(),
@@ -387,12 +399,10 @@ impl Inner {
         }
         .encode();
         let channel = self.keys.node_channel(to_node);
-        let inner = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = inner.publish(Kind::Reply, &channel, payload).await {
-                debug!(error = %e, "publishing a reply failed");
-            }
-            drop(permit);
-        });
+        if self.bus.post(&channel, payload, MAX_REPLIES_IN_FLIGHT) {
+            self.metrics.published(Kind::Reply).increment(1);
+        } else {
+            self.metrics.reply_backlog.increment(1);
+        }
     }
 }

@@ -9,7 +9,9 @@
 
 use std::sync::OnceLock;
 
+use bytes::Bytes;
 use fred::prelude::{Client, LuaInterface, Value};
+use fred::types::Key;
 
 /// Shared by the presence scripts. `ARGV[1]` must be the node key prefix (`{p}:node:`).
 const LIVENESS: &str = r#"
@@ -239,6 +241,9 @@ impl Script {
             Some(sha) => sha.clone(),
             None => self.load(client).await?,
         };
+        // As shared bytes, so that keeping them for a retry copies nothing.
+        let keys: Vec<Key> = keys.into_iter().map(|k| Bytes::from(k).into()).collect();
+        let args: Vec<Value> = args.into_iter().map(|a| Bytes::from(a).into()).collect();
         match client
             .evalsha::<Value, _, _, _>(sha, keys.clone(), args.clone())
             .await
@@ -261,6 +266,7 @@ pub(crate) struct Scripts {
     pub(crate) nodes: Script,
     pub(crate) node_leave: Script,
     pub(crate) seq_next: Script,
+    pub(crate) positions: Script,
     pub(crate) session_resume: Script,
 }
 
@@ -275,6 +281,7 @@ impl Scripts {
             nodes: Script::new(NODES.to_owned()),
             node_leave: Script::new(NODE_LEAVE.to_owned()),
             seq_next: Script::new(super::streams::SEQ_NEXT.to_owned()),
+            positions: Script::new(with_liveness(super::streams::POSITIONS)),
             session_resume: Script::new(super::sessions::SESSION_RESUME.to_owned()),
         }
     }
@@ -289,6 +296,7 @@ impl Scripts {
             &self.nodes,
             &self.node_leave,
             &self.seq_next,
+            &self.positions,
             &self.session_resume,
         ] {
             s.load(client).await?;

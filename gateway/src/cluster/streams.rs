@@ -9,12 +9,17 @@
 //! receiving connections skip after `delivery.hole_timeout_ms`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::{KeysInterface, Value};
+use fred::prelude::{Client, KeysInterface, Value};
 use tokio::time::timeout;
 
+use super::batch::{Batcher, Limits};
+use super::keys::Keys;
+use super::scripts::Scripts;
 use super::{Cluster, ClusterError};
+use crate::config::RoutingMode;
 
 /// A counter's lifetime after its last use. A counter that expired restarts from the database,
 /// which by then holds every position it handed out.
@@ -34,7 +39,190 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return v
 "#;
 
+/// Advances the counters of a batch of messages and, under routed routing, reads where each
+/// recipient is connected, in one call. `KEYS`: per message, the recipient's counter and presence
+/// hash. `ARGV`: node key prefix, counter TTL in ms, `nodes` (read presence) or `''`, then per
+/// message its channel type filter (`''` for any). Returns per message `{position, node id...}`
+/// with the distinct live nodes holding the recipient (of the channel type), or `{-1}` when the
+/// counter does not exist (the caller starts it from the database with [`SEQ_NEXT`]).
+pub(crate) const POSITIONS: &str = r#"
+local ttl, want = ARGV[2], ARGV[3]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local counter, presence = KEYS[2 * i - 1], KEYS[2 * i]
+  local item = {-1}
+  if redis.call('EXISTS', counter) == 1 then
+    item[1] = redis.call('INCR', counter)
+    redis.call('PEXPIRE', counter, ttl)
+    if want == 'nodes' then
+      local channel, seen = ARGV[3 + i], {}
+      for _, x in ipairs(live_entries(presence)) do
+        local node = x.entry.node_id
+        if (channel == '' or x.entry.channel == channel) and not seen[node] then
+          seen[node] = true
+          item[#item + 1] = node
+        end
+      end
+    end
+  end
+  out[i] = item
+end
+return out
+"#;
+
+/// One message's request for a position.
+pub(crate) struct Wanted {
+    user: String,
+    channel: Option<String>,
+}
+
+/// The answer of [`POSITIONS`] for one message: `-1` or the position, and the nodes holding the
+/// recipient (routed only).
+type Found = Result<(i64, Vec<String>), ClusterError>;
+
+pub(crate) type Positions = Batcher<Wanted, Found>;
+
+/// Concurrent messages share one call of [`POSITIONS`]; a few calls may be outstanding.
+const POSITION_LIMITS: Limits = Limits {
+    max_items: 128,
+    max_weight: 128,
+    in_flight: 2,
+};
+
+/// Starts the batching of position requests.
+pub(crate) fn positions(
+    client: Client,
+    scripts: Arc<Scripts>,
+    keys: Arc<Keys>,
+    routing: RoutingMode,
+    stop: tokio_util::sync::CancellationToken,
+) -> Positions {
+    Batcher::spawn(
+        POSITION_LIMITS,
+        |_| 1,
+        move |batch: Vec<Wanted>| {
+            let n = batch.len();
+            let mut key_list = Vec::with_capacity(2 * n);
+            let mut args = Vec::with_capacity(3 + n);
+            args.push(keys.node_prefix.clone());
+            args.push(SEQ_TTL.as_millis().to_string());
+            args.push(match routing {
+                RoutingMode::Routed => "nodes".to_owned(),
+                RoutingMode::Broadcast => String::new(),
+            });
+            for w in batch {
+                key_list.push(keys.seq(&w.user));
+                key_list.push(keys.presence(&w.user));
+                args.push(w.channel.unwrap_or_default());
+            }
+            let (client, scripts) = (client.clone(), scripts.clone());
+            async move {
+                let reply = scripts.positions.run(&client, key_list, args).await;
+                let items = match reply {
+                    Ok(Value::Array(items)) if items.len() == n => items,
+                    Ok(other) => {
+                        let e = ClusterError::Redis(format!(
+                            "unexpected reply to the positions script: {other:?}"
+                        ));
+                        return vec![Err(e); n];
+                    }
+                    Err(e) => return vec![Err(ClusterError::redis(e)); n],
+                };
+                items.into_iter().map(found).collect()
+            }
+        },
+        stop,
+    )
+}
+
+fn found(item: Value) -> Found {
+    let Value::Array(parts) = item else {
+        return Err(ClusterError::Redis("a position is not an array".into()));
+    };
+    let mut parts = parts.into_iter();
+    let seq = match parts.next() {
+        Some(Value::Integer(n)) => n,
+        other => return Err(ClusterError::Redis(format!("bad position: {other:?}"))),
+    };
+    Ok((seq, parts.filter_map(|v| v.as_string()).collect()))
+}
+
+/// A message's position in its recipient's stream, and where to deliver it on other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub route: Route,
+}
+
+/// The other nodes a message goes to, when they were read with its position (routed routing);
+/// otherwise [`deliver_remote`](Cluster::deliver_remote) finds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route(pub(super) Option<Vec<String>>);
+
+impl Route {
+    /// Not known yet: looked up at delivery.
+    pub const UNKNOWN: Route = Route(None);
+}
+
 impl Cluster {
+    /// The next position in `user`'s stream and, under routed routing, the other nodes holding
+    /// `user` (of `channel`), read together (and with concurrent messages' in one Redis call).
+    /// `floor` reads the highest stored position; it is called only when the counter does not
+    /// exist.
+    pub async fn next_position<F, Fut>(
+        &self,
+        user: &str,
+        channel: Option<&str>,
+        floor: F,
+    ) -> Result<Position, ClusterError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<u64, ClusterError>>,
+    {
+        let inner = &self.inner;
+        let (Some(redis), Some(positions)) = (&inner.redis, &inner.positions) else {
+            let seq = self.next_seq(user, floor).await?;
+            return Ok(Position {
+                seq,
+                route: Route::UNKNOWN,
+            });
+        };
+        if !redis.bus.commands_up() {
+            return Err(ClusterError::Unavailable);
+        }
+        let wanted = Wanted {
+            user: user.to_owned(),
+            channel: channel.map(str::to_owned),
+        };
+        let (seq, nodes) = timeout(inner.request_timeout, positions.call(wanted))
+            .await
+            .map_err(|_| {
+                tracing::debug!("stream position: no answer within the request timeout");
+                ClusterError::Unavailable
+            })?
+            .ok_or(ClusterError::Unavailable)??;
+        if seq < 0 {
+            // A new (or expired) counter: start it from the database.
+            let seq = self.next_seq(user, floor).await?;
+            return Ok(Position {
+                seq,
+                route: Route::UNKNOWN,
+            });
+        }
+        let route = match inner.routing {
+            RoutingMode::Routed => {
+                inner.metrics.lookups_route.increment(1);
+                let me = &inner.me.node_id;
+                Route(Some(nodes.into_iter().filter(|n| n != me).collect()))
+            }
+            RoutingMode::Broadcast => Route::UNKNOWN,
+        };
+        Ok(Position {
+            seq: u64::try_from(seq).map_err(|_| ClusterError::Redis("negative position".into()))?,
+            route,
+        })
+    }
+
     /// The next position in `user`'s stream. `floor` reads the highest stored position; it is
     /// called only when the user's counter does not exist.
     pub async fn next_seq<F, Fut>(&self, user: &str, floor: F) -> Result<u64, ClusterError>

@@ -161,8 +161,15 @@ pub fn by_client_ids(n: usize) -> String {
 /// each group its recipient and its ids. `groups` holds the number of ids of each recipient.
 /// The `state < ?` guard makes a state never go down; the recipient check makes a user unable
 /// to change the state of someone else's message.
-pub fn raise_state(groups: &[usize]) -> String {
-    let mut sql = String::from("UPDATE messages SET state = ? WHERE state < ? AND (");
+///
+/// MariaDB is told to read by primary key: left to itself, its range analysis of the OR of
+/// hundreds of (recipient, ids) groups costs ten times the update (0.4 s for 1,000 rows).
+pub fn raise_state(dialect: Dialect, groups: &[usize]) -> String {
+    let table = match dialect {
+        Dialect::MySql => "messages FORCE INDEX (PRIMARY)",
+        Dialect::Sqlite => "messages",
+    };
+    let mut sql = format!("UPDATE {table} SET state = ? WHERE state < ? AND (");
     for (i, &n) in groups.iter().enumerate() {
         if i > 0 {
             sql.push_str(" OR ");
@@ -348,7 +355,9 @@ mod tests {
         assert!(insert(Dialect::Sqlite, 1).starts_with("INSERT OR IGNORE INTO messages"));
         assert_eq!(count(&existing_ids(5)), 5);
         assert_eq!(count(&by_client_ids(4)), 12);
-        assert_eq!(count(&raise_state(&[2, 1, 3])), 2 + 3 + 6);
+        for dialect in [Dialect::MySql, Dialect::Sqlite] {
+            assert_eq!(count(&raise_state(dialect, &[2, 1, 3])), 2 + 3 + 6);
+        }
         for dialect in [Dialect::MySql, Dialect::Sqlite] {
             let q = Queries::new(dialect);
             assert_eq!(count(&q.message_by_id), 1);

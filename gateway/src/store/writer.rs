@@ -954,7 +954,7 @@ async fn lane_statements(
     }
     for statement in marks {
         let sizes: Vec<usize> = statement.groups.iter().map(|(_, ids)| ids.len()).collect();
-        let text = sql::raise_state(&sizes);
+        let text = sql::raise_state(dialect, &sizes);
         let mut query = sqlx::query(&text)
             .bind(statement.state)
             .bind(statement.state);
