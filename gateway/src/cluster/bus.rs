@@ -328,6 +328,7 @@ impl RedisBus {
         }
         let (client, channel_name) = (self.client.clone(), channel.to_owned());
         let (up, closed) = (self.commands_up.clone(), self.closed.clone());
+        let publishes = self.metrics.publishes.clone();
         let outbox = Arc::new(Batcher::spawn(
             OUTBOX_LIMITS,
             Bytes::len,
@@ -335,6 +336,9 @@ impl RedisBus {
                 let n = payloads.len();
                 let (client, channel) = (client.clone(), channel_name.clone());
                 let ready = up.load(Ordering::Acquire) && !closed.load(Ordering::Acquire);
+                if ready {
+                    publishes.increment(1);
+                }
                 async move {
                     let result = if ready {
                         client

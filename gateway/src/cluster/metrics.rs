@@ -8,6 +8,7 @@ use crate::config::RoutingMode;
 
 pub const BUS_PUBLISHED: &str = "imgate_bus_messages_published_total";
 pub const BUS_RECEIVED: &str = "imgate_bus_messages_received_total";
+pub const BUS_PUBLISHES: &str = "imgate_bus_publishes_total";
 pub const BUS_PUBLISH_LATENCY: &str = "imgate_bus_publish_latency_seconds";
 pub const BUS_INCOMPLETE: &str = "imgate_bus_requests_incomplete_total";
 pub const BUS_DROPPED: &str = "imgate_bus_messages_dropped_total";
@@ -21,6 +22,7 @@ pub const CLUSTER_NODES: &str = "imgate_cluster_nodes";
 pub const CATALOG: &[(&str, &str)] = &[
     (BUS_PUBLISHED, "counter"),
     (BUS_RECEIVED, "counter"),
+    (BUS_PUBLISHES, "counter"),
     (BUS_PUBLISH_LATENCY, "histogram"),
     (BUS_INCOMPLETE, "counter"),
     (BUS_DROPPED, "counter"),
@@ -41,10 +43,14 @@ pub fn describe() {
         BUS_RECEIVED,
         "Messages this node received from the cluster bus, by routing mode and kind."
     );
+    describe_counter!(
+        BUS_PUBLISHES,
+        "Redis PUBLISH commands this node sent, by routing mode; each carries one or more bus messages (those queued for the channel while the previous PUBLISH was outstanding)."
+    );
     describe_histogram!(
         BUS_PUBLISH_LATENCY,
         Unit::Seconds,
-        "Time a PUBLISH to the cluster bus took, by routing mode."
+        "Time from queueing a bus message to Redis's answer to the PUBLISH that carried it, by routing mode."
     );
     describe_counter!(
         BUS_INCOMPLETE,
@@ -52,7 +58,7 @@ pub fn describe() {
     );
     describe_counter!(
         BUS_DROPPED,
-        "Bus messages dropped, by reason (lagged: the receive loop fell behind; undecodable; reply_backlog: too many replies in flight)."
+        "Bus messages dropped, by reason (lagged: the receive loop fell behind; undecodable; reply_backlog: too many replies waiting to be published)."
     );
     describe_gauge!(
         BUS_UP,
@@ -123,6 +129,7 @@ pub(crate) struct BusMetrics {
     received: Vec<Counter>,
     incomplete: Vec<Counter>,
     pub(crate) latency: Histogram,
+    pub(crate) publishes: Counter,
     pub(crate) lagged: Counter,
     pub(crate) undecodable: Counter,
     pub(crate) reply_backlog: Counter,
@@ -150,6 +157,7 @@ impl BusMetrics {
                 .map(|k| metrics::counter!(BUS_INCOMPLETE, "mode" => mode, "kind" => k.as_str()))
                 .collect(),
             latency: metrics::histogram!(BUS_PUBLISH_LATENCY, "mode" => mode),
+            publishes: metrics::counter!(BUS_PUBLISHES, "mode" => mode),
             lagged: metrics::counter!(BUS_DROPPED, "reason" => "lagged"),
             undecodable: metrics::counter!(BUS_DROPPED, "reason" => "undecodable"),
             reply_backlog: metrics::counter!(BUS_DROPPED, "reason" => "reply_backlog"),

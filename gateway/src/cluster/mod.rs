@@ -7,14 +7,20 @@
 //! - `nodes.rs`: the node registry (what "live" means) and message-id tags.
 //! - `remote.rs`: requests to other nodes and answers to theirs; `envelope.rs`: what travels on
 //!   the bus; `upkeep.rs`: the maintenance loop; `scripts.rs`: the Lua scripts and their
-//!   contracts; `metrics.rs`: metric names.
+//!   contracts; `metrics.rs`: metric names; `streams.rs`: per-user stream positions;
+//!   `sessions.rs`: sessions for fast reconnect; `batch.rs`: coalescing of concurrent Redis calls.
 //!
 //! A delivery to a remote user is one request over the bus: `broadcast` routing publishes it on
-//! `{p}:bus:all`, `routed` routing looks the user up in presence and publishes it on the channels
-//! of the nodes holding the user only. Every node that receives a request answers on the sender's
-//! channel with how many of its connections took it (zero included), so the sender can tell
-//! "delivered" from "stored": it waits for as many answers as PUBLISH reported receivers, up to
-//! `request_timeout_ms`, and never counts a delivery that did not happen.
+//! `{p}:bus:all`, `routed` routing looks the user up in presence (in the same Redis call that
+//! gives the message its stream position) and publishes it on the channels of the nodes holding
+//! the user only. Every node that receives a request answers on the sender's channel with how many
+//! of its connections took it (zero included), so the sender can tell "delivered" from "stored":
+//! it waits for as many answers as PUBLISH reported receivers, up to `request_timeout_ms`, and
+//! never counts a delivery that did not happen.
+//!
+//! Redis work per message does not grow with the rate: messages queued for one channel while a
+//! PUBLISH to it is outstanding leave together in the next PUBLISH (answers included), and the
+//! positions and routes of concurrent messages are read in one script call (`batch.rs`).
 //!
 //! Without `cluster.redis_url` the node runs alone: the bus is in-process, remote operations reach
 //! nobody (zero, complete), presence and the node list come from the node itself.
