@@ -611,13 +611,42 @@ struct Written {
 struct Plan {
     /// Each row's final state: its own, raised by state changes that arrived before it.
     states: Vec<i16>,
-    /// For each concurrent transaction, the rows of each of its INSERT statements.
-    lanes: Vec<Vec<Range<usize>>>,
+    /// For each concurrent transaction, its INSERT statements.
+    lanes: Vec<Vec<Chunk>>,
     /// State changes, applied by the first transaction. Those of rows in this batch are already
     /// in `states`, so it does not matter which transaction commits first.
     marks: Vec<MarkStatement>,
     /// Device cursors to raise, also by the first transaction.
     cursors: Vec<CursorRow>,
+}
+
+/// One INSERT: some rows of the batch, and how many rows the statement holds. The statement
+/// holds more rows than the chunk when its size is rounded up to a [`shape`], the extra rows
+/// repeating the chunk's last one (a repeated id is ignored by `INSERT IGNORE`), so that the
+/// connection's prepared statements are reused instead of a new one being prepared for almost
+/// every batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chunk {
+    rows: Range<usize>,
+    statement_rows: usize,
+}
+
+/// The size a statement of `n` rows (or pairs) is rounded up to: 1, 2, 3, 4, 6, 8, 12, 16,
+/// 24, 32, 48… (powers of two and their halfway points), at most `cap`. A writer therefore
+/// prepares about 2·log2(cap) shapes of each statement and keeps them, at the cost of at most
+/// a third of the rows being repeats.
+fn shape(n: usize, cap: usize) -> usize {
+    let rounded = if n <= 4 {
+        n
+    } else {
+        let p = n.next_power_of_two();
+        if p / 4 * 3 >= n {
+            p / 4 * 3
+        } else {
+            p
+        }
+    };
+    rounded.min(cap).max(n)
 }
 
 /// The state changes and cursor updates one transaction carries besides its rows.
@@ -671,10 +700,21 @@ impl Plan {
             1
         };
         let rows_per_lane = rows.len().div_ceil(lanes).max(1);
-        let rows_per_statement = (dialect.max_bind_params() / INSERT_PARAMS_PER_ROW)
+        // The largest statement, whatever the batch (so that it is one shape).
+        let max_statement_rows = (dialect.max_bind_params() / INSERT_PARAMS_PER_ROW)
             .min(cfg.batch_max_rows)
-            .min(rows_per_lane)
             .max(1);
+        let rows_per_statement = max_statement_rows.min(rows_per_lane);
+        let chunk = |range: Range<usize>, bytes: usize| {
+            let n = range.len();
+            let last = row_bytes(&rows[range.end - 1].msg);
+            let rounded = shape(n, max_statement_rows);
+            let fits = bytes + (rounded - n) * last <= cfg.limits.max_statement_bytes;
+            Chunk {
+                statement_rows: if fits { rounded } else { n },
+                rows: range,
+            }
+        };
         let mut plan_lanes = Vec::with_capacity(lanes);
         for lane_start in (0..rows.len()).step_by(rows_per_lane) {
             let lane_end = (lane_start + rows_per_lane).min(rows.len());
@@ -686,13 +726,13 @@ impl Plan {
                 let full = i - start >= rows_per_statement
                     || (i > start && bytes + size > cfg.limits.max_statement_bytes);
                 if full {
-                    chunks.push(start..i);
+                    chunks.push(chunk(start..i, bytes));
                     start = i;
                     bytes = 0;
                 }
                 bytes += size;
             }
-            chunks.push(start..lane_end);
+            chunks.push(chunk(start..lane_end, bytes));
             plan_lanes.push(chunks);
         }
         if plan_lanes.is_empty() {
@@ -702,7 +742,7 @@ impl Plan {
         Plan {
             states,
             lanes: plan_lanes,
-            marks: plan_marks(marks, dialect.max_bind_params().min(MAX_MARK_PARAMS)),
+            marks: plan_marks(marks, mark_params(dialect)),
             cursors,
         }
     }
@@ -716,6 +756,16 @@ fn row_bytes(msg: &NewMessage) -> usize {
         + opt(&msg.sender)
         + opt(&msg.channel)
         + opt(&msg.client_msg_id)
+}
+
+/// The parameter budget [`plan_marks`] plans UPDATEs with: on MariaDB each id costs two
+/// parameters (it is bound as a (recipient, id) pair), so the plan gets half.
+fn mark_params(dialect: Dialect) -> usize {
+    let max = dialect.max_bind_params().min(MAX_MARK_PARAMS);
+    match dialect {
+        Dialect::MySql => max / 2,
+        Dialect::Sqlite => max,
+    }
 }
 
 /// Groups state changes into UPDATE statements: the highest state per (message, recipient),
@@ -874,7 +924,7 @@ async fn write_lane(
     dialect: Dialect,
     rows: &[Row],
     states: &[i16],
-    chunks: &[Range<usize>],
+    chunks: &[Chunk],
     updates: Updates<'_>,
 ) -> Result<(LaneWritten, PoolConnection<Any>), AttemptError> {
     let mut checkout = Checkout(Some(match kept {
@@ -920,7 +970,7 @@ async fn lane_statements(
     dialect: Dialect,
     rows: &[Row],
     states: &[i16],
-    chunks: &[Range<usize>],
+    chunks: &[Chunk],
     updates: Updates<'_>,
 ) -> Result<LaneDone, sqlx::Error> {
     let Updates { marks, cursors } = updates;
@@ -930,9 +980,11 @@ async fn lane_statements(
         state_updates: 0,
     };
     for chunk in chunks {
-        let statement = sql::insert(dialect, chunk.len());
+        let statement = sql::insert(dialect, chunk.statement_rows);
         let mut query = sqlx::query(&statement);
-        for i in chunk.clone() {
+        let repeats =
+            std::iter::repeat_n(chunk.rows.end - 1, chunk.statement_rows - chunk.rows.len());
+        for i in chunk.rows.clone().chain(repeats) {
             let row = &rows[i];
             let msg = &row.msg;
             query = query
@@ -946,30 +998,59 @@ async fn lane_statements(
                 .bind(states[i])
                 .bind(row.seq);
         }
+        // The repeats are never inserted: they carry the id of a row before them.
         let affected = query.execute(&mut *conn).await?.rows_affected();
         done.inserted += affected;
-        if affected < chunk.len() as u64 {
-            done.unsure.extend(chunk.clone());
+        if affected < chunk.rows.len() as u64 {
+            done.unsure.extend(chunk.rows.clone());
         }
     }
     for statement in marks {
-        let sizes: Vec<usize> = statement.groups.iter().map(|(_, ids)| ids.len()).collect();
-        let text = sql::raise_state(dialect, &sizes);
+        // MariaDB: (recipient, id) pairs, the last repeated up to the statement's shape.
+        // SQLite: ids grouped by recipient.
+        let pairs: Vec<(&str, i64)> = statement
+            .groups
+            .iter()
+            .flat_map(|(recipient, ids)| ids.iter().map(move |&id| (&**recipient, id)))
+            .collect();
+        let rounded = shape(pairs.len(), MAX_MARK_PARAMS / 2 - 1);
+        let text = match dialect {
+            Dialect::MySql => sql::raise_state_pairs(rounded),
+            Dialect::Sqlite => {
+                let sizes: Vec<usize> = statement.groups.iter().map(|(_, ids)| ids.len()).collect();
+                sql::raise_state_groups(&sizes)
+            }
+        };
         let mut query = sqlx::query(&text)
             .bind(statement.state)
             .bind(statement.state);
-        for (recipient, ids) in &statement.groups {
-            query = query.bind(&**recipient);
-            for &id in ids {
-                query = query.bind(id);
+        match dialect {
+            Dialect::MySql => {
+                let last = *pairs.last().expect("a statement has a pair");
+                let repeats = std::iter::repeat_n(last, rounded - pairs.len());
+                for (recipient, id) in pairs.iter().copied().chain(repeats) {
+                    query = query.bind(recipient).bind(id);
+                }
+            }
+            Dialect::Sqlite => {
+                for (recipient, ids) in &statement.groups {
+                    query = query.bind(&**recipient);
+                    for &id in ids {
+                        query = query.bind(id);
+                    }
+                }
             }
         }
         done.state_updates += query.execute(&mut *conn).await?.rows_affected();
     }
     for chunk in cursors.chunks(CURSORS_PER_STATEMENT) {
-        let text = sql::upsert_cursors(dialect, chunk.len());
+        let rounded = shape(chunk.len(), CURSORS_PER_STATEMENT);
+        let text = sql::upsert_cursors(dialect, rounded);
         let mut query = sqlx::query(&text);
-        for c in chunk {
+        let last = chunk.last().expect("chunks are not empty");
+        // A repeated cursor raises nothing more.
+        let repeats = std::iter::repeat_n(last, rounded - chunk.len());
+        for c in chunk.iter().chain(repeats) {
             query = query
                 .bind(&*c.user)
                 .bind(&*c.device)
@@ -1182,8 +1263,75 @@ mod tests {
         plan.lanes
             .iter()
             .flatten()
-            .flat_map(|r| r.clone())
+            .flat_map(|c| c.rows.clone())
             .collect()
+    }
+
+    /// The rows of each statement of each lane.
+    fn ranges(plan: &Plan) -> Vec<Vec<Range<usize>>> {
+        plan.lanes
+            .iter()
+            .map(|lane| lane.iter().map(|c| c.rows.clone()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn statement_shapes_are_few_and_waste_at_most_a_third() {
+        let shapes: Vec<usize> = (1..=1_000).map(|n| shape(n, 1_000)).collect();
+        let mut distinct = shapes.clone();
+        distinct.dedup();
+        assert_eq!(
+            distinct,
+            vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1000]
+        );
+        for (n, s) in (1..=1_000).zip(shapes) {
+            assert!(s >= n && (s - n) * 3 <= s, "{n} -> {s}");
+        }
+        assert_eq!(
+            shape(3_000, 1_000),
+            3_000,
+            "never fewer rows than there are"
+        );
+    }
+
+    #[test]
+    fn statements_are_rounded_up_to_a_shape_within_the_byte_budget() {
+        let recent = RecentMarks::default();
+        let plan = Plan::new(
+            &rows(5, 10),
+            Vec::new(),
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(1, 1_000, 1 << 20),
+        );
+        assert_eq!(
+            plan.lanes,
+            vec![vec![Chunk {
+                rows: 0..5,
+                statement_rows: 6
+            }]]
+        );
+        // 5 rows of ~1,070 bytes fit in 6,000 bytes; a sixth (the repeat) would not.
+        let plan = Plan::new(
+            &rows(5, 1_000),
+            Vec::new(),
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(1, 1_000, 6_000),
+        );
+        assert_eq!(plan.lanes[0][0].statement_rows, 5);
+        // Capped at the largest statement: 1,000 rows.
+        let plan = Plan::new(
+            &rows(999, 1),
+            Vec::new(),
+            Vec::new(),
+            &recent,
+            Dialect::MySql,
+            &config(1, 1_000, 1 << 20),
+        );
+        assert_eq!(plan.lanes[0][0].statement_rows, 1_000);
     }
 
     #[test]
@@ -1198,7 +1346,7 @@ mod tests {
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
-        assert_eq!(plan.lanes, vec![vec![0..500], vec![500..1_000]]);
+        assert_eq!(ranges(&plan), vec![vec![0..500], vec![500..1_000]]);
 
         // Small batches are not split.
         let small = rows(PARALLEL_MIN_ROWS - 1, 10);
@@ -1210,7 +1358,7 @@ mod tests {
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
-        assert_eq!(plan.lanes, vec![vec![0..PARALLEL_MIN_ROWS - 1]]);
+        assert_eq!(ranges(&plan), vec![vec![0..PARALLEL_MIN_ROWS - 1]]);
 
         // SQLite's parameter limit: 32766 / 9 = 3640 rows per statement.
         let big = rows(9_000, 1);
@@ -1222,7 +1370,10 @@ mod tests {
             Dialect::Sqlite,
             &config(1, 10_000, 1 << 30),
         );
-        assert_eq!(plan.lanes, vec![vec![0..3_640, 3_640..7_280, 7_280..9_000]]);
+        assert_eq!(
+            ranges(&plan),
+            vec![vec![0..3_640, 3_640..7_280, 7_280..9_000]]
+        );
 
         // The byte budget: bodies of 1000 bytes (+ 67 of the rest) in 4000-byte statements.
         let wide = rows(10, 1_000);
@@ -1235,7 +1386,7 @@ mod tests {
             &config(2, 1_000, 4_000),
         );
         assert!(
-            plan.lanes[0].iter().all(|r| r.len() <= 3),
+            plan.lanes[0].iter().all(|c| c.statement_rows <= 3),
             "{:?}",
             plan.lanes
         );
@@ -1250,7 +1401,7 @@ mod tests {
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
-        assert_eq!(plan.lanes, vec![Vec::<Range<usize>>::new()]);
+        assert_eq!(ranges(&plan), vec![Vec::<Range<usize>>::new()]);
         assert_eq!(plan.marks.len(), 1);
     }
 
