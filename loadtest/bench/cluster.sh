@@ -6,12 +6,22 @@
 #   loadtest/bench/cluster.sh NODES MODE RATE [DURATION_S]
 #   e.g. loadtest/bench/cluster.sh 2 routed 10000 10
 #
+# Or any other scenario on such a cluster (the targets, pids, admin URLs, secret and Redis are
+# filled in; the rest of the arguments go to imgate-loadtest):
+#   loadtest/bench/cluster.sh NODES MODE connect|broadcast [OPTIONS...]
+#   e.g. loadtest/bench/cluster.sh 7 routed connect -n 105000 --procs 7 --rate 10000 --hold 20
+#
 # Needs: target/release/imgate and target/release/imgate-loadtest
 #        (cargo build --release -p imgate -p imgate-loadtest), redis-cli, mariadb client.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-nodes=${1:?nodes}; mode=${2:?routed|broadcast}; rate=${3:?messages per second}; duration=${4:-10}
+nodes=${1:?nodes}; mode=${2:?routed|broadcast}; rate=${3:?messages per second, or a scenario}
+scenario=chat
+case $rate in
+    connect | broadcast) scenario=$rate; shift 3 ;;
+    *) duration=${4:-10} ;;
+esac
 users=${USERS:-1000}
 prefix="bench-$RANDOM$RANDOM"
 db="imgate_bench_$RANDOM$RANDOM"
@@ -31,7 +41,7 @@ trap cleanup EXIT
 
 for i in $(seq 1 "$nodes"); do
     cport=$((18000 + i * 10)); aport=$((cport + 1))
-    IMGATE_AUTH__SECRET=$secret IMGATE_ADMIN__TOKEN=bench \
+    IMGATE_AUTH__SECRET=$secret IMGATE_ADMIN__TOKEN=bench IMGATE_CLIENT__MAX_CONNECTIONS=200000 \
     IMGATE_CLUSTER__REDIS_URL=redis://127.0.0.1:6379 IMGATE_CLUSTER__KEY_PREFIX=$prefix \
     IMGATE_CLUSTER__ROUTING=$mode IMGATE_STORE__URL="mysql://root@127.0.0.1:3306/$db" \
     IMGATE_LOG__LEVEL=warn,fred=error \
@@ -43,8 +53,15 @@ for a in "${admins[@]}"; do
     for _ in $(seq 1 600); do curl -sf "$a/readyz" >/dev/null && break; sleep 0.1; done
 done
 
+IFS=,; target_list="${targets[*]}"; pid_list="${pids[*]}"; admin_list="${admins[*]}"; unset IFS
+if [[ $scenario != chat ]]; then
+    target/release/imgate-loadtest "$scenario" --targets "$target_list" --secret $secret \
+        --admin "$admin_list" --admin-token bench --gateway-pid "$pid_list" \
+        --redis redis://127.0.0.1:6379 --out "$out/$scenario-$nodes-$mode.json" "$@" \
+        | tee "$out/$scenario-$nodes-$mode.md"
+    exit "${PIPESTATUS[0]}"
+fi
 before=$(redis-cli info commandstats; redis-cli info cpu)
-IFS=,; target_list="${targets[*]}"; pid_list="${pids[*]}"; unset IFS
 target/release/imgate-loadtest chat --targets "$target_list" --secret $secret -n "$users" \
     --rate "$rate" --duration "$duration" --payload 100 --cross-node-share 1.0 \
     --gateway-pid "$pid_list" --out "$out/chat-$nodes-$mode-$rate.json" | tee "$out/chat-$nodes-$mode-$rate.md"
