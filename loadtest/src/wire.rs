@@ -109,6 +109,11 @@ pub fn ack(id: &str) -> Vec<u8> {
     format!(r#"{{"type":"ack","id":"{id}"}}"#).into_bytes()
 }
 
+/// A cumulative acknowledgement: every message up to position `seq`.
+pub fn ack_seq(seq: u64) -> Vec<u8> {
+    format!(r#"{{"type":"ack","seq":{seq}}}"#).into_bytes()
+}
+
 /// A frame received, reduced to what the load test looks at.
 #[derive(Debug, PartialEq, Eq)]
 pub enum In<'a> {
@@ -123,6 +128,8 @@ pub enum In<'a> {
     /// A pushed message: its id (imgate) and its body's JSON.
     Push {
         id: Option<Cow<'a, str>>,
+        /// The position in the recipient's stream (imgate messages; broadcasts have none).
+        seq: Option<u64>,
         body: &'a [u8],
     },
     /// The receipt of one of our messages.
@@ -147,6 +154,8 @@ struct ImgateFrame<'a> {
     kind: Cow<'a, str>,
     #[serde(default, borrow)]
     id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<u64>,
     #[serde(default, borrow)]
     body: Option<&'a RawValue>,
     #[serde(default, borrow)]
@@ -181,6 +190,7 @@ pub fn parse_imgate(frame: &[u8]) -> In<'_> {
         "push" => match f.body {
             Some(body) => In::Push {
                 id: f.id,
+                seq: f.seq,
                 body: body.get().as_bytes(),
             },
             None => In::Other,
@@ -257,6 +267,7 @@ pub fn parse_socketio(frame: &[u8]) -> In<'_> {
             match serde_json::from_slice::<(Cow<str>, SioChat)>(&rest[start..]) {
                 Ok((_, chat)) => In::Push {
                     id: None,
+                    seq: None,
                     body: chat.body.get().as_bytes(),
                 },
                 Err(_) => In::Other,
@@ -300,9 +311,10 @@ mod tests {
     #[test]
     fn parses_imgate_frames() {
         let push =
-            br#"{"type":"push","id":"123","from":"a","to":"b","body":{"s":1,"q":2,"t":3},"ts":4}"#;
+            br#"{"type":"push","id":"123","seq":5,"from":"a","to":"b","body":{"s":1,"q":2,"t":3},"ts":4}"#;
         match parse_imgate(push) {
-            In::Push { id, body } => {
+            In::Push { id, seq, body } => {
+                assert_eq!(seq, Some(5));
                 assert_eq!(id.as_deref(), Some("123"));
                 assert_eq!(body, br#"{"s":1,"q":2,"t":3}"#);
             }
@@ -347,7 +359,7 @@ mod tests {
             In::LoginFailed(m) if m.contains("no user")
         ));
         match parse_socketio(br#"42["chat",{"from":"lt-1","body":{"s":1,"q":2,"t":3}}]"#) {
-            In::Push { id: None, body } => assert_eq!(body, br#"{"s":1,"q":2,"t":3}"#),
+            In::Push { id: None, body, .. } => assert_eq!(body, br#"{"s":1,"q":2,"t":3}"#),
             other => panic!("{other:?}"),
         }
         assert_eq!(

@@ -33,6 +33,9 @@ use crate::wire::{self, In, Mark};
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Queue of messages waiting for one sender's connection.
 const SEND_QUEUE: usize = 64;
+/// Stream messages received before an acknowledgement goes out even though more frames are
+/// waiting (the Rust client's figure).
+const ACK_EVERY: u32 = 32;
 /// Receipt statuses that promise the message reaches the recipient.
 const EXPECTED_STATUSES: &[&str] = &["delivered", "sent"];
 
@@ -601,6 +604,10 @@ async fn session(
     tokio::pin!(heartbeat);
     let mut seq = 0u64;
     let mut seen = Bits::default();
+    // Stream messages are acknowledged cumulatively, like the Rust client does: `ack {seq}` once
+    // no more frames are waiting, or after ACK_EVERY of them.
+    let mut ack_upto: Option<u64> = None;
+    let mut unacked = 0u32;
     let payload = ctx.chat.as_ref().map_or(0, |c| c.payload);
     loop {
         tokio::select! {
@@ -613,10 +620,20 @@ async fn session(
                     Err(e) => return Some(e.code("IO")),
                 };
                 let reply = match wire::parse(kind, &bytes) {
-                    In::Push { id, body } => {
+                    In::Push { id, seq, body } => {
                         let ack = ctx.on_push(body, &mut seen);
-                        match (kind, id) {
-                            (TargetKind::Imgate, Some(id)) if ack => Some(wire::ack(&id)),
+                        match (kind, seq, id) {
+                            (TargetKind::Imgate, Some(seq), _) if ack => {
+                                ack_upto = Some(seq);
+                                unacked += 1;
+                                if unacked >= ACK_EVERY {
+                                    unacked = 0;
+                                    ack_upto.take().map(wire::ack_seq)
+                                } else {
+                                    None
+                                }
+                            }
+                            (TargetKind::Imgate, None, Some(id)) if ack => Some(wire::ack(&id)),
                             _ => None,
                         }
                     }
@@ -654,6 +671,15 @@ async fn session(
                 }
                 let every = every.unwrap_or_default();
                 heartbeat.as_mut().reset(Instant::now() + every);
+            }
+            // Last: taken only when no frame is waiting (`biased`).
+            () = std::future::ready(()), if ack_upto.is_some() => {
+                unacked = 0;
+                if let Some(seq) = ack_upto.take() {
+                    if let Err(e) = conn.send(&wire::ack_seq(seq)).await {
+                        return Some(e.code("IO"));
+                    }
+                }
             }
         }
     }
