@@ -11,6 +11,7 @@
 #   loadtest/bench/cluster.sh NODES MODE connect|broadcast [OPTIONS...]
 #   e.g. loadtest/bench/cluster.sh 7 routed connect -n 105000 --procs 7 --rate 10000 --hold 20
 #
+# SHARE (default 1.0) is the share of messages to a user on another node; USERS (1000) the users.
 # Needs: target/release/imgate and target/release/imgate-loadtest
 #        (cargo build --release -p imgate -p imgate-loadtest), redis-cli, mariadb client.
 set -euo pipefail
@@ -63,7 +64,7 @@ if [[ $scenario != chat ]]; then
 fi
 before=$(redis-cli info commandstats; redis-cli info cpu)
 target/release/imgate-loadtest chat --targets "$target_list" --secret $secret -n "$users" \
-    --rate "$rate" --duration "$duration" --payload 100 --cross-node-share 1.0 \
+    --rate "$rate" --duration "$duration" --payload 100 --cross-node-share "${SHARE:-1.0}" \
     --gateway-pid "$pid_list" --out "$out/chat-$nodes-$mode-$rate.json" | tee "$out/chat-$nodes-$mode-$rate.md"
 after=$(redis-cli info commandstats; redis-cli info cpu)
 

@@ -4,7 +4,7 @@
 # median of each figure. Results (JSON + SVG per run) go to $OUT (default bench-results/).
 #
 #   cargo build --release -p imgate -p imgate-loadtest
-#   loadtest/bench/run.sh all            # or: connect | chat | broadcast | socketio
+#   loadtest/bench/run.sh all            # or: connect | chat | broadcast | socketio | cluster
 #
 # Environment (not IMGATE_*: the gateway reads those): GATEWAY_BIN, LOADTEST_BIN (default target/release/...; honours CARGO_TARGET_DIR), RUNS,
 # OUT, CLIENT_PORT (17400), ADMIN_PORT (17401), CONNECTIONS (15000), CHAT_USERS (2000),
@@ -174,11 +174,53 @@ socketio() {
     done
 }
 
+# Cross-node chat on local clusters (loadtest/bench/cluster.sh: Redis and MariaDB on this
+# machine): 2 nodes, routed, every message to another node, at each of CLUSTER_RATES; then the
+# routing modes with 2, 4 and 8 nodes at MATRIX_RATE; then 2 nodes with half of the messages
+# crossing, at each of SIO_CHAT_RATES (the Socket.IO comparison's shape).
+cluster() {
+    local f
+    for rate in ${CLUSTER_RATES:-5000 10000 20000 30000}; do
+        for run in $(seq "$RUNS"); do
+            wait_quiet
+            echo "== cluster 2 routed $rate msg/s run $run (load $(load))"
+            OUT=$OUT/cluster-2-routed-$rate-$run "$ROOT/loadtest/bench/cluster.sh" 2 routed "$rate" "$CHAT_SECS" | tail -1
+        done
+        f=("$OUT"/cluster-2-routed-$rate-*/chat-*.json)
+        echo "cluster 2 routed $rate medians: received/s $(median "${f[@]}" '.chat.throughput_per_s')," \
+            "lost $(median "${f[@]}" '.chat.lost'), p50 $(median "${f[@]}" '.chat.latency.p50_ms') ms," \
+            "p99 $(median "${f[@]}" '.chat.latency.p99_ms') ms," \
+            "gateway CPU/msg $(median "${f[@]}" '.system_cpu.per_unit_us') µs"
+    done
+    for nodes in 2 4 8; do
+        for mode in routed broadcast; do
+            wait_quiet
+            echo "== cluster $nodes $mode ${MATRIX_RATE:-5000} msg/s (load $(load))"
+            OUT=$OUT/matrix-$nodes-$mode "$ROOT/loadtest/bench/cluster.sh" "$nodes" "$mode" "${MATRIX_RATE:-5000}" 5 |
+                grep -E 'throughput|latency p50|system CPU|Redis:'
+        done
+    done
+    for rate in $SIO_CHAT_RATES; do
+        for run in $(seq "$RUNS"); do
+            wait_quiet
+            echo "== cluster 2 routed, half crossing, $rate msg/s run $run (load $(load))"
+            SHARE=0.5 USERS=$CHAT_USERS OUT=$OUT/half-2-routed-$rate-$run \
+                "$ROOT/loadtest/bench/cluster.sh" 2 routed "$rate" "$CHAT_SECS" | tail -1
+        done
+        f=("$OUT"/half-2-routed-$rate-*/chat-*.json)
+        echo "cluster 2 routed half crossing $rate medians: received/s $(median "${f[@]}" '.chat.throughput_per_s')," \
+            "lost $(median "${f[@]}" '.chat.lost'), p50 $(median "${f[@]}" '.chat.latency.p50_ms') ms," \
+            "p99 $(median "${f[@]}" '.chat.latency.p99_ms') ms," \
+            "gateway CPU/msg $(median "${f[@]}" '.system_cpu.per_unit_us') µs"
+    done
+}
+
 case "${1:-all}" in
 connect) connect ;;
 chat) chat ;;
 broadcast) broadcast ;;
 socketio) socketio ;;
-all) connect; chat; broadcast; socketio ;;
-*) echo "usage: $0 [all|connect|chat|broadcast|socketio]" >&2; exit 2 ;;
+cluster) cluster ;;
+all) connect; chat; broadcast; socketio; cluster ;;
+*) echo "usage: $0 [all|connect|chat|broadcast|socketio|cluster]" >&2; exit 2 ;;
 esac
