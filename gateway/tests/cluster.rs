@@ -13,7 +13,7 @@ use fred::prelude::{Builder, ClientLike, Config, KeysInterface, PubsubInterface}
 use fred::types::CustomCommand;
 use futures_util::TryStreamExt;
 use imgate::cluster::{
-    Cluster, ClusterError, LocalConnection, LocalNode, RegisterOutcome, RemoteDelivery,
+    Cluster, ClusterError, LocalConnection, LocalNode, RegisterOutcome, RemoteDelivery, Route,
 };
 use imgate::config::{DuplicateLoginPolicy, RoutingMode, Secret, Settings};
 use imgate::ids::IdGenerator;
@@ -334,6 +334,87 @@ async fn routed_delivery_reaches_only_the_nodes_holding_the_user() {
             .await,
         FULL(0)
     );
+    cleanup(&redis_url(), &prefix, &nodes).await;
+}
+
+/// Concurrent messages share Redis calls for their positions and routes (and their PUBLISHes):
+/// every message still gets its own position, the routes are right, and the deliveries all
+/// arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_messages_get_distinct_positions_and_their_routes() {
+    let (prefix, nodes) = start_nodes(&["a", "b"], RoutingMode::Routed).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let kick = DuplicateLoginPolicy::KickOld;
+    register(b, &b.fake.connect("bob", "web", 1), kick).await;
+    register(a, &a.fake.connect("alice", "app", 1), kick).await;
+
+    let no_floor = || async { Ok::<u64, ClusterError>(0) };
+    // The counter starts (from the floor) on the first message.
+    let first = a
+        .cluster
+        .next_position("bob", None, no_floor)
+        .await
+        .unwrap();
+    assert_eq!(first.seq, 1);
+    let n: u64 = 500;
+    let positions = futures_util::future::join_all((0..n).map(|i| {
+        let cluster = a.cluster.clone();
+        async move {
+            let channel = ["web", "app"][i as usize % 2];
+            let p = cluster
+                .next_position("bob", Some(channel), no_floor)
+                .await
+                .unwrap();
+            (channel, p)
+        }
+    }))
+    .await;
+    let mut seqs: Vec<u64> = positions.iter().map(|(_, p)| p.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=n + 1).collect::<Vec<_>>(), "each position once");
+    for (channel, p) in &positions {
+        let expected = if *channel == "web" { vec!["b"] } else { vec![] };
+        assert_eq!(
+            p.route,
+            Route::to(&expected),
+            "route of a {channel} message"
+        );
+    }
+    // A user on the caller's own node only: no other node to ask. (A counter's first position
+    // comes from the floor, and its route is looked up at delivery.)
+    let start = a.cluster.next_position("alice", None, no_floor).await;
+    assert_eq!(start.unwrap().route, Route::UNKNOWN);
+    let own = a
+        .cluster
+        .next_position("alice", None, no_floor)
+        .await
+        .unwrap();
+    assert_eq!((own.seq, own.route), (2, Route::to(&[])));
+
+    // Many concurrent deliveries through the batched bus all arrive, each answered.
+    let results = futures_util::future::join_all(positions.iter().map(|(channel, p)| {
+        let cluster = a.cluster.clone();
+        let stamp = Stamp {
+            id: imgate_shared::MessageId(p.seq),
+            seq: p.seq,
+        };
+        let body = push(&format!("m{}", p.seq));
+        let channel = Some(*channel);
+        let route = p.route.clone();
+        async move {
+            cluster
+                .deliver_remote_via("bob", channel, stamp, body, route)
+                .await
+        }
+    }))
+    .await;
+    let reached = results.iter().filter(|r| **r == FULL(1)).count();
+    assert_eq!(
+        reached,
+        positions.iter().filter(|(c, _)| *c == "web").count()
+    );
+    assert!(results.iter().all(|r| r.complete));
+    assert_eq!(b.fake.delivered().len(), reached);
     cleanup(&redis_url(), &prefix, &nodes).await;
 }
 

@@ -162,6 +162,11 @@ pub struct Route(pub(super) Option<Vec<String>>);
 impl Route {
     /// Not known yet: looked up at delivery.
     pub const UNKNOWN: Route = Route(None);
+
+    /// To these nodes (no node: nobody else holds the user).
+    pub fn to(nodes: &[&str]) -> Route {
+        Route(Some(nodes.iter().map(|n| (*n).to_owned()).collect()))
+    }
 }
 
 impl Cluster {
