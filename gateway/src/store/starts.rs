@@ -1,8 +1,8 @@
 //! Where devices start, read in batches. Every login and resume needs its device's cursor and its
 //! user's stored head; one query per login costs more than the rest of the login (SQLite hands
 //! each query to a worker thread and back). So the lookups of logins that arrive together share
-//! statements: a task takes whatever is queued (up to [`MAX_BATCH`]) and reads it with two
-//! statements, a few batches at a time. An idle node answers a lone login at once.
+//! statements: a task takes whatever is queued (up to [`MAX_BATCH`]) and reads it with one
+//! statement (the cursors, then the heads), a few batches at a time. An idle node answers a lone login at once.
 //!
 //! A statement's size is rounded up to a power of two (the last key repeated), so that there are
 //! only a few distinct statements: each connection of the pool prepares and caches every distinct
@@ -89,53 +89,49 @@ async fn run(mut rx: mpsc::Receiver<Lookup>, pool: AnyPool, dialect: Dialect) {
     }
 }
 
-/// Cursors and heads of `lookups`, in their order.
+/// Cursors and heads of `lookups`, in their order, read with one statement.
 async fn read(
     pool: &AnyPool,
     dialect: Dialect,
     lookups: &[Lookup],
 ) -> Result<Vec<Start>, sqlx::Error> {
-    let n = statement_size(lookups.len());
-    let cursors_sql = sql::cursors(n);
-    let mut cursors = sqlx::query(&cursors_sql);
-    for l in padded(lookups, n) {
-        cursors = cursors.bind(&*l.user).bind(&*l.device);
-    }
-    // user → (device, cursor): looked up by `&str`, without building keys.
-    let mut by_user_device: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-    for row in cursors.fetch_all(pool).await? {
-        let user = sql::text(&row, 0)?.unwrap_or_default();
-        let device = sql::text(&row, 1)?.unwrap_or_default();
-        let seq: i64 = row.try_get(2)?;
-        by_user_device
-            .entry(user)
-            .or_default()
-            .push((device, u64::try_from(seq).unwrap_or(0)));
-    }
     let mut users: Vec<&str> = lookups.iter().map(|l| &*l.user).collect();
     users.sort_unstable();
     users.dedup();
-    let n = statement_size(users.len());
-    let heads_sql = sql::stream_heads(dialect, n);
-    let mut heads = sqlx::query(&heads_sql);
-    for u in padded(&users, n) {
-        heads = heads.bind(*u);
+    // As many users as devices (or fewer): one size for both keeps the statements few.
+    let n = statement_size(lookups.len());
+    let statement = sql::device_starts(dialect, n);
+    let mut query = sqlx::query(&statement);
+    for l in padded(lookups, n) {
+        query = query.bind(&*l.user).bind(&*l.device);
     }
-    let mut by_user: HashMap<String, u64> = HashMap::new();
-    for row in heads.fetch_all(pool).await? {
+    for u in padded(&users, n) {
+        query = query.bind(*u);
+    }
+    // Per user (looked up by `&str`, without building keys): the stored head and the cursors
+    // of its devices.
+    let mut by_user: HashMap<String, (u64, Vec<(String, u64)>)> = HashMap::new();
+    for row in query.fetch_all(pool).await? {
         let user = sql::text(&row, 0)?.unwrap_or_default();
-        let head: Option<i64> = row.try_get(1)?;
-        by_user.insert(user, head.map_or(0, |h| u64::try_from(h).unwrap_or(0)));
+        let seq: Option<i64> = row.try_get(2)?;
+        let seq = seq.map_or(0, |s| u64::try_from(s).unwrap_or(0));
+        let entry = by_user.entry(user).or_default();
+        match sql::text(&row, 1)? {
+            Some(device) => entry.1.push((device, seq)),
+            None => entry.0 = seq,
+        }
     }
     Ok(lookups
         .iter()
-        .map(|l| {
-            let cursor = by_user_device
-                .get(&*l.user)
-                .and_then(|devices| devices.iter().find(|(d, _)| **d == *l.device))
-                .map_or(0, |&(_, seq)| seq);
-            let head = by_user.get(&*l.user).copied().unwrap_or(0);
-            (cursor, head)
+        .map(|l| match by_user.get(&*l.user) {
+            Some((head, devices)) => {
+                let cursor = devices
+                    .iter()
+                    .find(|(d, _)| **d == *l.device)
+                    .map_or(0, |&(_, seq)| seq);
+                (cursor, *head)
+            }
+            None => (0, 0),
         })
         .collect())
 }
