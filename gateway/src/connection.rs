@@ -1,20 +1,25 @@
 //! One task per client connection: the login phase, then a loop that reads frames, writes what the
 //! router queued in the connection's bounded outbox, and enforces heartbeats. Errors are logged once,
-//! here, inside a span that carries the peer address and connection id.
+//! here, with the peer address (and, once logged in, the connection id and user) in the line.
+//!
+//! Thousands of connections spend their life idle in this task, so its state is kept small: no
+//! tracing span is kept per connection (about 1 KiB each in the subscriber), and the large,
+//! short-lived steps (the WebSocket upgrade, the login, a send, leaving the cluster) are boxed so
+//! that they are not part of the task's size (a future is as large as its largest state; see
+//! the test at the end).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use imgate_shared::protocol::{HeartbeatRange, PROTOCOL_VERSION};
 use imgate_shared::{ClientFrame, ErrorCode, KickReason, ServerFrame};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, warn};
 
 use crate::auth::unix_millis;
 use crate::cluster::{RegisterOutcome, Resume, Session, SessionTicket};
@@ -22,11 +27,11 @@ use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
 use crate::metrics;
 use crate::node::{Node, SlotGuard};
-use crate::registry::{ConnHandle, Outbound, RegisterError};
+use crate::registry::{ConnHandle, RegisterError};
 use crate::router::valid_id;
 use crate::store::DeliveryState;
 use crate::store::{StoreError, StoredMessage};
-use crate::transport::{self, FrameReader, FrameWriter, ReadError, WriteError};
+use crate::transport::{self, FrameReader, FrameWriter, ReadError};
 
 /// Most queued frames written in one batch before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 64;
@@ -40,50 +45,42 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted socket until it closes.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: Option<SlotGuard>) {
-    let span = info_span!("conn", %peer, transport = tracing::field::Empty, user = tracing::field::Empty, conn = tracing::field::Empty);
-    async move {
-        let deadline =
-            Instant::now() + Duration::from_millis(node.settings.client.login_timeout_ms);
-        let (reader, mut writer, kind) =
-            match transport::accept(stream, &node.settings.client, deadline).await {
-                Ok(t) => t,
-                Err(e) => {
-                    debug!(error = %e, "handshake failed");
-                    metrics::counter_rejected("bad_handshake");
-                    return;
-                }
-            };
-        tracing::Span::current().record("transport", kind.as_str());
-        let Some(_slot) = slot else {
-            metrics::counter_rejected("limit");
-            metrics::counter_protocol_error(ErrorCode::ServerFull);
-            farewell(
-                &mut writer,
-                ServerFrame::error(ErrorCode::ServerFull, "node is full, try another node"),
-            )
-            .await;
-            return;
-        };
-        let mut conn = Connection {
-            node,
-            reader,
-            writer,
-            kind,
-            receipts: FuturesOrdered::new(),
-        };
-        // Boxed so that the login's state (token checks, registration) is freed once it is done
-        // instead of living on in every idle connection's task.
-        let close = match Box::pin(conn.login(deadline)).await {
-            Ok(bound) => conn.run(bound).await,
-            Err(close) => {
-                count_close(&close, &conn.node);
-                close
+    let deadline = Instant::now() + Duration::from_millis(node.settings.client.login_timeout_ms);
+    let (reader, mut writer, kind) =
+        match transport::accept(stream, &node.settings.client, deadline).await {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(%peer, error = %e, "handshake failed");
+                metrics::counter_rejected("bad_handshake");
+                return;
             }
         };
-        conn.finish(close).await;
-    }
-    .instrument(span)
-    .await
+    let Some(_slot) = slot else {
+        metrics::counter_rejected("limit");
+        metrics::counter_protocol_error(ErrorCode::ServerFull);
+        Box::pin(farewell(
+            &mut writer,
+            ServerFrame::error(ErrorCode::ServerFull, "node is full, try another node"),
+        ))
+        .await;
+        return;
+    };
+    let mut conn = Connection {
+        node,
+        peer,
+        reader,
+        writer,
+        kind,
+        receipts: VecDeque::new(),
+    };
+    let close = match Box::pin(conn.login(deadline)).await {
+        Ok(bound) => conn.run(bound).await,
+        Err(close) => {
+            count_close(&close, &conn.node);
+            close
+        }
+    };
+    Box::pin(conn.finish(close)).await;
 }
 
 /// Why a connection ends.
@@ -105,12 +102,13 @@ enum Close {
 
 struct Connection {
     node: Arc<Node>,
+    peer: SocketAddr,
     reader: FrameReader,
     writer: FrameWriter,
     kind: crate::registry::TransportKind,
     /// Receipts of accepted sends, in the order the sends arrived. Each send runs in its own task,
     /// so it completes (delivered and persisted) even if this connection goes away meanwhile.
-    receipts: FuturesOrdered<JoinHandle<ServerFrame>>,
+    receipts: VecDeque<JoinHandle<ServerFrame>>,
 }
 
 /// The negotiated heartbeat of a session.
@@ -142,7 +140,6 @@ pub fn negotiate_heartbeat(client: Option<HeartbeatRange>, server: &HeartbeatSet
 /// What a connection is bound to after LOGIN or RESUME.
 struct Bound {
     handle: Arc<ConnHandle>,
-    outbox: mpsc::Receiver<Outbound>,
     heartbeat: Heartbeat,
     /// The session the client resumes with.
     session_id: String,
@@ -164,9 +161,10 @@ impl Connection {
     /// Reads LOGIN or RESUME and binds the connection: registration (locally and in the
     /// cluster), a session, the device's cursor, `login_result`, and the device stream that
     /// replays what follows the cursor.
-    async fn login(&mut self, deadline: Instant) -> Result<Bound, Close> {
+    async fn login(&mut self, deadline: Instant) -> Result<Box<Bound>, Close> {
         let node = self.node.clone();
         let settings = &node.settings;
+        let peer = self.peer;
         let first = tokio::select! {
             r = tokio::time::timeout_at(deadline, self.reader.next()) => r,
             _ = node.shutdown.cancelled() => {
@@ -258,7 +256,7 @@ impl Connection {
                             ));
                         }
                         Err(e) => {
-                            warn!(error = %e, "cannot check a session");
+                            warn!(%peer, error = %e, "cannot check a session");
                             return Err(login_failed(
                                 ErrorCode::Unavailable,
                                 "sessions cannot be checked now; retry, or log in",
@@ -292,14 +290,14 @@ impl Connection {
             }
         };
 
-        let (tx, rx) = mpsc::channel(settings.client.outbox_capacity);
         let handle = Arc::new(ConnHandle::new(
             hello.user.into(),
             hello.channel.into(),
             hello.device_id.into(),
             self.kind,
-            tx,
+            settings.client.outbox_capacity,
         ));
+        let (conn, user) = (handle.id, &*handle.user);
         let policy = settings.channels.policy(&handle.channel);
         match node.router.registry().register(handle.clone(), policy) {
             Ok(displaced) => {
@@ -326,7 +324,7 @@ impl Connection {
                 ));
             }
             Err(e) => {
-                warn!(error = %e, "presence not registered; it is re-registered when the cluster recovers")
+                warn!(%peer, conn, user, error = %e, "presence not registered; it is re-registered when the cluster recovers")
             }
         }
         // From here on live pushes reach this connection (locally and from other nodes); what
@@ -342,7 +340,7 @@ impl Connection {
                 };
                 let (ticket, stored) = node.cluster().create_session(&session).await;
                 if let Err(e) = stored {
-                    warn!(error = %e, "session not stored; a RESUME with it will be refused");
+                    warn!(%peer, conn, user, error = %e, "session not stored; a RESUME with it will be refused");
                 }
                 count_session("created");
                 ticket
@@ -355,7 +353,7 @@ impl Connection {
         {
             Ok(start) => start,
             Err(e) => {
-                warn!(error = %e, "cannot read the device's cursor");
+                warn!(%peer, conn, user, error = %e, "cannot read the device's cursor");
                 self.unregister(&handle).await;
                 return Err(login_failed(
                     ErrorCode::Unavailable,
@@ -373,16 +371,13 @@ impl Connection {
         let head = match node.cluster().stream_head(&handle.user).await {
             Ok(head) => Some(head.unwrap_or(0).max(stored_head)),
             Err(e) => {
-                debug!(error = %e, "stream head unknown; replay reads the database");
+                debug!(%peer, conn, user, error = %e, "stream head unknown; replay reads the database");
                 None
             }
         };
 
         metrics::gauge_connections(self.kind, &handle.channel, 1.0);
         metrics::counter_login(if resumed { "resumed" } else { "ok" });
-        let span = tracing::Span::current();
-        span.record("user", &*handle.user);
-        span.record("conn", handle.id);
 
         let interval_ms = negotiate_heartbeat(hello.heartbeat, &settings.heartbeat);
         let heartbeat = Heartbeat {
@@ -423,32 +418,39 @@ impl Connection {
             metrics::gauge_connections(self.kind, &handle.channel, -1.0);
             return Err(close);
         }
-        debug!(heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
-        Ok(Bound {
+        debug!(%peer, conn, user, transport = self.kind.as_str(), heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
+        Ok(Box::new(Bound {
             handle,
-            outbox: rx,
             heartbeat,
             session_id: ticket.id,
             stream,
-        })
+        }))
     }
 
-    async fn run(&mut self, bound: Bound) -> Close {
+    /// Serves a logged-in connection until it ends. `bound` comes boxed so that the task does
+    /// not hold it twice (as the login's result and as this future's argument).
+    async fn run(&mut self, bound: Box<Bound>) -> Close {
         let Bound {
             handle,
-            mut outbox,
             heartbeat,
             session_id,
             mut stream,
-        } = bound;
+        } = {
+            // Unboxed in a block of its own, so that the box is freed now and not when this
+            // function returns.
+            let bound = bound;
+            *bound
+        };
         let node = self.node.clone();
         let mut last_activity = Instant::now();
-        let idle_check = tokio::time::sleep_until(last_activity + heartbeat.idle_timeout);
-        tokio::pin!(idle_check);
-        // The stream's timer (retransmissions, database reads), re-armed when its deadline moves.
-        let stream_timer = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(stream_timer);
-        let mut armed: Option<Instant> = None;
+        // When to look at the client's silence next (it is checked lazily: a frame moves
+        // `last_activity`, not this).
+        let mut idle_at = last_activity + heartbeat.idle_timeout;
+        // One timer for the heartbeat check and the stream's deadlines (retransmissions,
+        // database reads), re-armed when the earliest of them moves.
+        let timer = tokio::time::sleep_until(idle_at);
+        tokio::pin!(timer);
+        let mut armed = Some(idle_at);
         let mut fetch: Option<(Fetch, PageFuture)> = None;
         let mut out: Vec<Outgoing> = Vec::new();
         let close = loop {
@@ -467,12 +469,10 @@ impl Connection {
                     fetch = Some((f, read));
                 }
             }
-            let deadline = stream.deadline();
-            if deadline != armed {
-                if let Some(at) = deadline {
-                    stream_timer.as_mut().reset(at);
-                }
-                armed = deadline;
+            let due = stream.deadline().map_or(idle_at, |at| at.min(idle_at));
+            if armed != Some(due) {
+                timer.as_mut().reset(due);
+                armed = Some(due);
             }
             tokio::select! {
                 biased;
@@ -480,18 +480,14 @@ impl Connection {
                 _ = handle.control.kicked() => {
                     break Close::Kick(handle.control.reason().unwrap_or(KickReason::Admin))
                 }
-                Some(first) = outbox.recv() => {
+                batch = handle.outbox.recv(MAX_WRITE_BATCH) => {
                     let now = Instant::now();
-                    let mut next = Some(first);
-                    let mut taken = 0;
-                    while let Some(o) = next {
+                    for o in batch {
                         if o.stamp.seq == 0 {
                             out.push(Outgoing { payload: o.payload, accepted: o.accepted, push: true });
                         } else {
                             stream.offer(o, now);
                         }
-                        taken += 1;
-                        next = if taken < MAX_WRITE_BATCH { outbox.try_recv().ok() } else { None };
                     }
                     stream.pump(now, &mut out);
                 }
@@ -501,32 +497,43 @@ impl Connection {
                     match rows {
                         Ok(Ok(rows)) => stream.fill(f, rows, now, unix_millis()),
                         Ok(Err(e)) => {
-                            debug!(error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                         Err(e) => {
-                            debug!(error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                     }
                     stream.pump(now, &mut out);
                 }
-                () = &mut stream_timer, if armed.is_some() => {
+                () = &mut timer, if armed.is_some() => {
                     armed = None;
                     let now = Instant::now();
-                    if stream.on_timer(now, &mut out).is_err() {
-                        break Close::Kick(KickReason::AckTimeout);
+                    if stream.deadline().is_some_and(|at| at <= now) {
+                        if stream.on_timer(now, &mut out).is_err() {
+                            break Close::Kick(KickReason::AckTimeout);
+                        }
+                        stream.pump(now, &mut out);
                     }
-                    stream.pump(now, &mut out);
+                    if now >= idle_at {
+                        if self.receipts.len() >= MAX_SENDS_IN_FLIGHT {
+                            // Not reading is our doing (receipts are pending), not the client's
+                            // silence: its frames wait in the socket.
+                            last_activity = now;
+                        }
+                        idle_at = last_activity + heartbeat.idle_timeout;
+                        if now >= idle_at {
+                            break Close::HeartbeatTimeout;
+                        }
+                    }
                 }
-                Some(receipt) = self.receipts.next(), if !self.receipts.is_empty() => {
+                receipt = next_receipt(&mut self.receipts), if !self.receipts.is_empty() => {
                     let frame = receipt.unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "send task failed");
+                        tracing::error!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "send task failed");
                         ServerFrame::error(ErrorCode::Internal, "the message could not be processed")
                     });
-                    if let Err(e) = self.reply(&frame).await {
-                        break Close::Io(e.to_string());
-                    }
+                    reply(&mut out, &frame);
                 }
                 frame = self.reader.next(), if self.receipts.len() < MAX_SENDS_IN_FLIGHT => {
                     last_activity = Instant::now();
@@ -543,21 +550,12 @@ impl Connection {
                         }
                     }
                 }
-                () = &mut idle_check => {
-                    if self.receipts.len() >= MAX_SENDS_IN_FLIGHT {
-                        // Not reading is our doing (receipts are pending), not the client's
-                        // silence: its frames wait in the socket.
-                        last_activity = Instant::now();
-                    }
-                    let due = last_activity + heartbeat.idle_timeout;
-                    if Instant::now() >= due {
-                        break Close::HeartbeatTimeout;
-                    }
-                    idle_check.as_mut().reset(due);
-                }
             }
         };
         debug!(
+            peer = %self.peer,
+            conn = handle.id,
+            user = &*handle.user,
             ?close,
             interval_ms = heartbeat.interval.as_millis() as u64,
             cursor = stream.cursor(),
@@ -573,7 +571,8 @@ impl Connection {
             close,
             Close::Logout | Close::Kick(KickReason::DuplicateLogin | KickReason::Admin)
         ) {
-            node.cluster().revoke_session(&session_id).await;
+            // Boxed, like every once-per-connection call into the cluster.
+            Box::pin(node.cluster().revoke_session(&session_id)).await;
         }
         close
     }
@@ -645,15 +644,12 @@ impl Connection {
                 metrics::counter_frame_in("invalid");
                 let error = ServerFrame::error(ErrorCode::BadFrame, format!("invalid frame: {e}"));
                 metrics::counter_protocol_error(ErrorCode::BadFrame);
-                return self
-                    .reply(&error)
-                    .await
-                    .err()
-                    .map(|e| Close::Io(e.to_string()));
+                reply(out, &error);
+                return None;
             }
         };
         metrics::counter_frame_in(frame.kind());
-        let reply = match frame {
+        let answer = match frame {
             ClientFrame::Heartbeat {} => ServerFrame::HeartbeatAck {
                 server_time_ms: unix_millis(),
             },
@@ -698,10 +694,8 @@ impl Connection {
                 )
             }
         };
-        self.reply(&reply)
-            .await
-            .err()
-            .map(|e| Close::Io(e.to_string()))
+        reply(out, &answer);
+        None
     }
 
     /// Takes a send: the id, the place in the store's queue and the local delivery happen here,
@@ -752,20 +746,13 @@ impl Connection {
         self.receipts.push_back(task);
     }
 
-    /// Writes a reply frame now.
-    async fn reply(&mut self, frame: &ServerFrame) -> Result<(), WriteError> {
-        let write_timeout = Duration::from_millis(self.node.settings.client.write_timeout_ms);
-        metrics::counter_frame_out(frame.kind());
-        match timeout(write_timeout, self.writer.send(frame.encode())).await {
-            Ok(r) => r,
-            Err(_) => Err(WriteError::Io(std::io::ErrorKind::TimedOut.into())),
-        }
-    }
-
+    /// Takes the connection out of the registry and the cluster; its outbox takes no more.
     async fn unregister(&self, handle: &ConnHandle) {
         let node = &self.node;
+        handle.outbox.close();
         if node.registry().unregister(&handle.user, handle.id) {
-            node.cluster().unregister(&handle.user, handle.id).await;
+            // Boxed: leaving the cluster (a Redis script) has a large state, needed once.
+            Box::pin(node.cluster().unregister(&handle.user, handle.id)).await;
         }
     }
 
@@ -777,10 +764,33 @@ impl Connection {
             Close::Error(code, message) => {
                 farewell(&mut self.writer, ServerFrame::error(code, message)).await
             }
-            Close::Io(error) => debug!(%error, "connection failed"),
+            Close::Io(error) => debug!(peer = %self.peer, %error, "connection failed"),
         }
         let _ = timeout(FAREWELL_TIMEOUT, self.writer.close()).await;
     }
+}
+
+/// The receipt of the oldest send, once its task is done. Cancel safe: the receipt is taken
+/// off the queue only when it is returned.
+async fn next_receipt(
+    receipts: &mut VecDeque<JoinHandle<ServerFrame>>,
+) -> Result<ServerFrame, tokio::task::JoinError> {
+    let Some(oldest) = receipts.front_mut() else {
+        return std::future::pending().await;
+    };
+    let receipt = oldest.await;
+    receipts.pop_front();
+    receipt
+}
+
+/// Queues a reply frame; it leaves with the next write.
+fn reply(out: &mut Vec<Outgoing>, frame: &ServerFrame) {
+    metrics::counter_frame_out(frame.kind());
+    out.push(Outgoing {
+        payload: frame.encode(),
+        accepted: None,
+        push: false,
+    });
 }
 
 /// Counts why a connection ends.
@@ -838,6 +848,28 @@ fn count_session(outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future an async fn returns, without calling it.
+    fn future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(TcpStream, SocketAddr, Arc<Node>, Option<SlotGuard>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every connection's task is as large as the largest state of [`serve`], for the
+    /// connection's whole life: what 15,000 idle connections spend their time in. 1,504 bytes in
+    /// debug builds and 1,496 in release builds at the time of writing (6.9 KiB before the
+    /// one-off steps were boxed).
+    #[test]
+    fn the_connection_task_stays_small() {
+        let size = future_size(serve);
+        println!("connection task future: {size} bytes");
+        assert!(
+            size <= 2_048,
+            "the connection task's future is {size} bytes"
+        );
+    }
 
     #[test]
     fn heartbeat_negotiation() {

@@ -2,16 +2,18 @@
 //! type. Registration applies the duplicate-login policy atomically per user (under the map's
 //! shard lock), so two logins racing on the same node cannot both win.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use imgate_shared::{KickReason, MessageId};
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::DuplicateLoginPolicy;
 
@@ -68,26 +70,129 @@ impl Outbound {
     }
 }
 
-/// The kill switch of a connection: a reason and a token its task watches.
+/// The kill switch of a connection: a reason, and the waker of the connection's task.
 #[derive(Debug, Default)]
 pub struct Control {
-    token: CancellationToken,
     reason: OnceLock<KickReason>,
+    waker: AtomicWaker,
 }
 
 impl Control {
     /// Asks the connection to send KICK `reason` and close; the first reason wins.
     pub fn kick(&self, reason: KickReason) {
         let _ = self.reason.set(reason);
-        self.token.cancel();
+        self.waker.wake();
     }
 
     pub fn reason(&self) -> Option<KickReason> {
         self.reason.get().copied()
     }
 
+    /// Waits until the connection is kicked. Awaited by the connection's own task only (one
+    /// waker is kept).
     pub async fn kicked(&self) {
-        self.token.cancelled().await
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.reason.get() {
+                Some(_) => Poll::Ready(()),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferError {
+    /// The outbox holds its capacity: the client does not read fast enough.
+    Full,
+    /// The connection is ending.
+    Closed,
+}
+
+/// The bounded queue of frames for one connection: filled without waiting by whoever delivers
+/// to the connection, drained in batches by the connection's task. It holds no allocation while
+/// empty, which is what an idle connection's outbox is.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    waker: AtomicWaker,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Outbound>,
+    closed: bool,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> Self {
+        Outbox {
+            queue: Mutex::default(),
+            waker: AtomicWaker::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `frame` unless the outbox is full or closed.
+    pub fn offer(&self, frame: Outbound) -> Result<(), OfferError> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(OfferError::Closed);
+        }
+        if queue.frames.len() >= self.capacity {
+            return Err(OfferError::Full);
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.frames.push_back(frame);
+        drop(queue);
+        // The task drains the whole queue each time it wakes: only the first frame wakes it.
+        if was_empty {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// The queued frames, oldest first, at most `max`; waits while there is none. Awaited by
+    /// the connection's own task only (one waker is kept).
+    pub async fn recv(&self, max: usize) -> VecDeque<Outbound> {
+        poll_fn(|cx| self.poll_recv(cx, max)).await
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>, max: usize) -> Poll<VecDeque<Outbound>> {
+        self.waker.register(cx.waker());
+        let mut queue = self.lock();
+        if queue.frames.is_empty() {
+            return Poll::Pending;
+        }
+        Poll::Ready(if queue.frames.len() <= max {
+            // The whole queue, allocation and all: the outbox is left with none.
+            std::mem::take(&mut queue.frames)
+        } else {
+            queue.frames.drain(..max).collect()
+        })
+    }
+
+    /// Refuses further frames and drops the queued ones.
+    pub fn close(&self) {
+        let mut queue = self.lock();
+        queue.closed = true;
+        queue.frames = VecDeque::new();
+    }
+
+    /// Frames queued now.
+    pub fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -100,7 +205,8 @@ pub struct ConnHandle {
     pub device_id: Arc<str>,
     pub transport: TransportKind,
     pub connected_at_ms: u64,
-    outbox: mpsc::Sender<Outbound>,
+    /// Frames for the connection's task to write.
+    pub outbox: Outbox,
     pub control: Control,
 }
 
@@ -110,7 +216,7 @@ impl ConnHandle {
         channel: Arc<str>,
         device_id: Arc<str>,
         transport: TransportKind,
-        outbox: mpsc::Sender<Outbound>,
+        outbox_capacity: usize,
     ) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         ConnHandle {
@@ -120,7 +226,7 @@ impl ConnHandle {
             device_id,
             transport,
             connected_at_ms: crate::auth::unix_millis(),
-            outbox,
+            outbox: Outbox::new(outbox_capacity),
             control: Control::default(),
         }
     }
@@ -140,13 +246,13 @@ impl ConnHandle {
     /// Queues a frame without waiting. A full outbox means the client does not read fast enough:
     /// the connection is kicked as a slow consumer and `false` returned.
     pub fn offer(&self, frame: Outbound) -> bool {
-        match self.outbox.try_send(frame) {
+        match self.outbox.offer(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(OfferError::Full) => {
                 self.control.kick(KickReason::SlowConsumer);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(OfferError::Closed) => false,
         }
     }
 }
@@ -357,25 +463,24 @@ impl crate::cluster::LocalNode for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
-    fn conn(user: &str, channel: &str) -> (Arc<ConnHandle>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(1);
-        let h = ConnHandle::new(
+    fn conn(user: &str, channel: &str) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle::new(
             user.into(),
             channel.into(),
             "d".into(),
             TransportKind::Tcp,
-            tx,
-        );
-        (Arc::new(h), rx)
+            1,
+        ))
     }
 
     #[test]
     fn policies() {
         let r = Registry::default();
-        let (a1, _r1) = conn("a", "app");
-        let (a2, _r2) = conn("a", "app");
-        let (a3, _r3) = conn("a", "web");
+        let a1 = conn("a", "app");
+        let a2 = conn("a", "app");
+        let a3 = conn("a", "web");
         assert!(r
             .register(a1.clone(), DuplicateLoginPolicy::KickOld)
             .unwrap()
@@ -395,7 +500,7 @@ mod tests {
             "a displaced connection is already gone"
         );
 
-        let (a4, _r4) = conn("a", "app");
+        let a4 = conn("a", "app");
         assert!(r
             .register(a4.clone(), DuplicateLoginPolicy::RejectNew)
             .is_err());
@@ -413,9 +518,82 @@ mod tests {
         assert_eq!(r.user_count(), 0);
     }
 
+    fn frame(seq: u64) -> Outbound {
+        Outbound {
+            payload: Bytes::from_static(b"{}"),
+            accepted: None,
+            stamp: Stamp {
+                id: MessageId(seq),
+                seq,
+            },
+            skip: false,
+        }
+    }
+
+    /// Records whether it was woken.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl futures_util::task::ArcWake for Flag {
+        fn wake_by_ref(flag: &Arc<Self>) {
+            flag.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Flag {
+        fn take(&self) -> bool {
+            self.0.swap(false, Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn outbox_drains_in_order_and_keeps_no_buffer_while_empty() {
+        let outbox = Outbox::new(8);
+        let flag = Arc::new(Flag::default());
+        let waker = futures_util::task::waker(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(outbox.poll_recv(&mut cx, 3).is_pending());
+        for seq in 1..=5 {
+            outbox.offer(frame(seq)).unwrap();
+        }
+        assert!(flag.take(), "the first frame wakes the task");
+        let seqs = |batch: Poll<VecDeque<Outbound>>| match batch {
+            Poll::Ready(frames) => frames.iter().map(|f| f.stamp.seq).collect::<Vec<_>>(),
+            Poll::Pending => panic!("nothing received"),
+        };
+        assert_eq!(seqs(outbox.poll_recv(&mut cx, 3)), [1, 2, 3]);
+        assert_eq!(seqs(outbox.poll_recv(&mut cx, 3)), [4, 5]);
+        assert!(outbox.poll_recv(&mut cx, 3).is_pending());
+        assert_eq!(outbox.lock().frames.capacity(), 0, "no buffer while empty");
+        outbox.offer(frame(6)).unwrap();
+        assert!(flag.take());
+        outbox.close();
+        assert_eq!(outbox.offer(frame(7)), Err(OfferError::Closed));
+        assert!(outbox.is_empty(), "a closed outbox drops its frames");
+    }
+
+    #[test]
+    fn a_kick_wakes_the_connection() {
+        let c = conn("a", "app");
+        let flag = Arc::new(Flag::default());
+        let waker = futures_util::task::waker(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut kicked = std::pin::pin!(c.control.kicked());
+        assert!(kicked.as_mut().poll(&mut cx).is_pending());
+        c.control.kick(KickReason::Admin);
+        c.control.kick(KickReason::SlowConsumer);
+        assert!(flag.take());
+        assert!(kicked.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(
+            c.control.reason(),
+            Some(KickReason::Admin),
+            "the first reason wins"
+        );
+    }
+
     #[test]
     fn full_outbox_kicks_slow_consumer() {
-        let (c, _rx) = conn("a", "app");
+        let c = conn("a", "app");
         let frame = || Outbound::unsequenced(Bytes::from_static(b"{}"), None);
         assert!(c.offer(frame()));
         assert!(!c.offer(frame()));

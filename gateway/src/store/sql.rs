@@ -112,9 +112,10 @@ pub fn upsert_cursors(dialect: Dialect, rows: usize) -> String {
     sql
 }
 
-/// The cursors of `n` devices: binds (user_id, device_id) × n; rows (user_id, device_id,
-/// acked_seq) of the devices that have one.
-pub fn cursors(n: usize) -> String {
+/// Where `n` devices start, in one statement: binds (user_id, device_id) × n, then n users.
+/// Rows (user_id, device_id, acked_seq) of the devices that have a cursor, then rows
+/// (recipient, NULL, MAX(seq)) of the users that have messages (their stored heads).
+pub fn device_starts(dialect: Dialect, n: usize) -> String {
     let mut sql = String::from("SELECT user_id, device_id, acked_seq FROM device_cursors WHERE ");
     for i in 0..n {
         if i > 0 {
@@ -122,16 +123,9 @@ pub fn cursors(n: usize) -> String {
         }
         sql.push_str("(user_id = ? AND device_id = ?)");
     }
-    sql
-}
-
-/// The stored heads of `n` users' streams: binds the users; rows (recipient, MAX(seq)) of the
-/// users that have messages.
-pub fn stream_heads(dialect: Dialect, n: usize) -> String {
-    let mut sql = format!(
-        "SELECT recipient, MAX(seq) FROM {} WHERE recipient IN (",
-        messages_by(dialect, "ix_messages_stream")
-    );
+    sql.push_str(" UNION ALL SELECT recipient, NULL, MAX(seq) FROM ");
+    sql.push_str(&messages_by(dialect, "ix_messages_stream"));
+    sql.push_str(" WHERE recipient IN (");
     placeholders(&mut sql, n);
     sql.push_str(") GROUP BY recipient");
     sql
@@ -358,7 +352,6 @@ mod tests {
         for dialect in [Dialect::MySql, Dialect::Sqlite] {
             assert_eq!(count(&upsert_cursors(dialect, 3)), 12);
         }
-        assert_eq!(count(&cursors(3)), 6);
         assert!(insert(Dialect::MySql, 1).starts_with("INSERT IGNORE INTO messages"));
         assert!(insert(Dialect::Sqlite, 1).starts_with("INSERT OR IGNORE INTO messages"));
         assert_eq!(count(&existing_ids(5)), 5);
@@ -375,7 +368,7 @@ mod tests {
             assert_eq!(count(&q.pending), 3);
             assert_eq!(count(&q.stream), 3);
             assert_eq!(count(&q.stream_head), 1);
-            assert_eq!(count(&stream_heads(dialect, 3)), 3);
+            assert_eq!(count(&device_starts(dialect, 3)), 2 * 3 + 3);
         }
         assert!(Queries::new(Dialect::MySql)
             .pending

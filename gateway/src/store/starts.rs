@@ -1,8 +1,13 @@
 //! Where devices start, read in batches. Every login and resume needs its device's cursor and its
 //! user's stored head; one query per login costs more than the rest of the login (SQLite hands
 //! each query to a worker thread and back). So the lookups of logins that arrive together share
-//! statements: a task takes whatever is queued (up to [`MAX_BATCH`]) and reads it with two
-//! statements, a few batches at a time. An idle node answers a lone login at once.
+//! statements: a task takes whatever is queued (up to [`MAX_BATCH`]) and reads it with one
+//! statement (the cursors, then the heads), a few batches at a time. An idle node answers a lone login at once.
+//!
+//! A statement's size is rounded up to a power of two (the last key repeated), so that there are
+//! only a few distinct statements: each connection of the pool prepares and caches every distinct
+//! statement it runs, and one for every batch size from 1 to 256 cost both the parsing and about
+//! 10 MB of cached statements.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,47 +89,78 @@ async fn run(mut rx: mpsc::Receiver<Lookup>, pool: AnyPool, dialect: Dialect) {
     }
 }
 
-/// Cursors and heads of `lookups`, in their order.
+/// Cursors and heads of `lookups`, in their order, read with one statement.
 async fn read(
     pool: &AnyPool,
     dialect: Dialect,
     lookups: &[Lookup],
 ) -> Result<Vec<Start>, sqlx::Error> {
-    let cursors_sql = sql::cursors(lookups.len());
-    let mut cursors = sqlx::query(&cursors_sql);
-    for l in lookups {
-        cursors = cursors.bind(&*l.user).bind(&*l.device);
-    }
-    let mut by_device: HashMap<(String, String), u64> = HashMap::new();
-    for row in cursors.fetch_all(pool).await? {
-        let user = sql::text(&row, 0)?.unwrap_or_default();
-        let device = sql::text(&row, 1)?.unwrap_or_default();
-        let seq: i64 = row.try_get(2)?;
-        by_device.insert((user, device), u64::try_from(seq).unwrap_or(0));
-    }
     let mut users: Vec<&str> = lookups.iter().map(|l| &*l.user).collect();
     users.sort_unstable();
     users.dedup();
-    let heads_sql = sql::stream_heads(dialect, users.len());
-    let mut heads = sqlx::query(&heads_sql);
-    for u in &users {
-        heads = heads.bind(*u);
+    // As many users as devices (or fewer): one size for both keeps the statements few.
+    let n = statement_size(lookups.len());
+    let statement = sql::device_starts(dialect, n);
+    let mut query = sqlx::query(&statement);
+    for l in padded(lookups, n) {
+        query = query.bind(&*l.user).bind(&*l.device);
     }
-    let mut by_user: HashMap<String, u64> = HashMap::new();
-    for row in heads.fetch_all(pool).await? {
+    for u in padded(&users, n) {
+        query = query.bind(*u);
+    }
+    // Per user (looked up by `&str`, without building keys): the stored head and the cursors
+    // of its devices.
+    let mut by_user: HashMap<String, (u64, Vec<(String, u64)>)> = HashMap::new();
+    for row in query.fetch_all(pool).await? {
         let user = sql::text(&row, 0)?.unwrap_or_default();
-        let head: Option<i64> = row.try_get(1)?;
-        by_user.insert(user, head.map_or(0, |h| u64::try_from(h).unwrap_or(0)));
+        let seq: Option<i64> = row.try_get(2)?;
+        let seq = seq.map_or(0, |s| u64::try_from(s).unwrap_or(0));
+        let entry = by_user.entry(user).or_default();
+        match sql::text(&row, 1)? {
+            Some(device) => entry.1.push((device, seq)),
+            None => entry.0 = seq,
+        }
     }
     Ok(lookups
         .iter()
-        .map(|l| {
-            let cursor = by_device
-                .get(&(l.user.to_string(), l.device.to_string()))
-                .copied()
-                .unwrap_or(0);
-            let head = by_user.get(&*l.user).copied().unwrap_or(0);
-            (cursor, head)
+        .map(|l| match by_user.get(&*l.user) {
+            Some((head, devices)) => {
+                let cursor = devices
+                    .iter()
+                    .find(|(d, _)| **d == *l.device)
+                    .map_or(0, |&(_, seq)| seq);
+                (cursor, *head)
+            }
+            None => (0, 0),
         })
         .collect())
+}
+
+/// The number of keys a statement for `n` keys binds: `n` rounded up to a power of two.
+fn statement_size(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `keys`, then its last key again until there are `n`.
+fn padded<T>(keys: &[T], n: usize) -> impl Iterator<Item = &T> {
+    let last = keys.last();
+    keys.iter()
+        .chain(std::iter::repeat_n(last, n.saturating_sub(keys.len())).flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_come_in_few_sizes() {
+        assert_eq!(statement_size(0), 1);
+        assert_eq!(statement_size(1), 1);
+        assert_eq!(statement_size(3), 4);
+        assert_eq!(statement_size(129), 256);
+        assert_eq!(statement_size(MAX_BATCH), MAX_BATCH);
+        let keys = [1, 2, 3];
+        assert_eq!(padded(&keys, 4).copied().collect::<Vec<_>>(), [1, 2, 3, 3]);
+        assert_eq!(padded(&keys, 3).count(), 3);
+    }
 }

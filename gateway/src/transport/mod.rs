@@ -118,7 +118,9 @@ pub async fn accept(
         Err(_) => None,
     };
     if first == Some(b'G') {
-        let (r, w) = tokio::time::timeout_at(deadline, ws::handshake(stream, settings))
+        // Boxed: the upgrade's state is large and short-lived; unboxed it would be part of the
+        // connection task's size for the connection's whole life.
+        let (r, w) = tokio::time::timeout_at(deadline, Box::pin(ws::handshake(stream, settings)))
             .await
             .map_err(|_| HandshakeError::Timeout)??;
         Ok((FrameReader::Ws(r), FrameWriter::Ws(w), TransportKind::Ws))

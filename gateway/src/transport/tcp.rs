@@ -1,23 +1,28 @@
 //! TCP transport: 4-byte big-endian length prefix, then the JSON payload.
 //!
-//! Reading uses the shared codec with a small initial buffer that grows only while a large frame
-//! is read. Writing keeps no buffer while idle: a batch of frames is gathered, written and the
-//! buffer released, so an idle connection costs no write memory.
+//! Neither direction keeps a buffer while idle, so an idle connection costs no read or write
+//! memory. Reading waits for the socket to be readable before it takes a buffer, and releases the
+//! buffer once no partial frame is left in it.
+//! Writing gathers a batch of frames, writes it and releases the buffer.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
-use imgate_shared::codec::{frame_codec, LENGTH_PREFIX_LEN};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use imgate_shared::codec::LENGTH_PREFIX_LEN;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec, LengthDelimitedCodecError};
 
 use super::{ReadError, WriteError};
 
-/// Initial read buffer of a connection; it grows only while a larger frame is being read.
-const READ_BUFFER: usize = 512;
+/// Bytes read at a time (more while a larger frame is being read).
+const READ_CHUNK: usize = 512;
 
-pub struct TcpReader(FramedRead<OwnedReadHalf, LengthDelimitedCodec>);
+pub struct TcpReader {
+    io: OwnedReadHalf,
+    max_frame_len: usize,
+    /// Bytes read and not yet returned: a partial frame (length prefix included), or frames
+    /// that arrived together. Empty, with no allocation, between frames.
+    pending: BytesMut,
+}
 
 pub struct TcpWriter {
     io: OwnedWriteHalf,
@@ -28,11 +33,11 @@ pub struct TcpWriter {
 pub fn split(stream: TcpStream, max_frame_len: usize) -> (TcpReader, TcpWriter) {
     let (r, w) = stream.into_split();
     (
-        TcpReader(FramedRead::with_capacity(
-            r,
-            frame_codec(max_frame_len),
-            READ_BUFFER,
-        )),
+        TcpReader {
+            io: r,
+            max_frame_len,
+            pending: BytesMut::new(),
+        },
         TcpWriter {
             io: w,
             pending: BytesMut::new(),
@@ -41,17 +46,55 @@ pub fn split(stream: TcpStream, max_frame_len: usize) -> (TcpReader, TcpWriter) 
 }
 
 impl TcpReader {
+    /// The next frame's payload; `None` when the peer closed the connection between frames.
+    /// Cancel safe: what was read stays in the reader.
     pub async fn next(&mut self) -> Option<Result<Bytes, ReadError>> {
-        Some(match self.0.next().await? {
-            Ok(frame) => Ok(frame.freeze()),
-            Err(e)
-                if e.get_ref()
-                    .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>()) =>
-            {
-                Err(ReadError::TooLarge)
+        loop {
+            match self.decode() {
+                Ok(Some(frame)) => return Some(Ok(frame)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
             }
-            Err(e) => Err(ReadError::Io(e)),
-        })
+            if self.pending.is_empty() && self.pending.capacity() > 0 {
+                // Between frames: an idle connection keeps no read buffer.
+                self.pending = BytesMut::new();
+            }
+            if let Err(e) = self.io.readable().await {
+                return Some(Err(ReadError::Io(e)));
+            }
+            self.pending.reserve(READ_CHUNK);
+            match self.io.try_read_buf(&mut self.pending) {
+                Ok(0) if self.pending.is_empty() => return None,
+                Ok(0) => return Some(Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Some(Err(ReadError::Io(e))),
+            }
+        }
+    }
+
+    /// Takes a whole frame off `pending`; when only part of one is there, makes room for the
+    /// rest of it.
+    fn decode(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let Some(prefix) = self.pending.get(..LENGTH_PREFIX_LEN) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(prefix.try_into().expect("4 bytes")) as usize;
+        if len > self.max_frame_len {
+            return Err(ReadError::TooLarge);
+        }
+        let missing = (LENGTH_PREFIX_LEN + len).saturating_sub(self.pending.len());
+        if missing > 0 {
+            self.pending.reserve(missing);
+            return Ok(None);
+        }
+        self.pending.advance(LENGTH_PREFIX_LEN);
+        let frame = self.pending.split_to(len).freeze();
+        if self.pending.is_empty() {
+            // The frame keeps what it needs of the buffer; the reader keeps nothing.
+            self.pending = BytesMut::new();
+        }
+        Ok(Some(frame))
     }
 }
 
@@ -82,5 +125,58 @@ impl TcpWriter {
     pub async fn close(&mut self) -> Result<(), WriteError> {
         self.flush().await?;
         Ok(self.io.shutdown().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn frames_are_read_whole_and_no_buffer_is_kept_between_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut reader, _writer) = split(server, 16);
+
+        // Two frames in one write; then one frame in two writes.
+        client
+            .write_all(&[0, 0, 0, 2, b'{', b'}', 0, 0, 0, 1, b'1'])
+            .await
+            .unwrap();
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"{}");
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"1");
+        assert_eq!(reader.pending.capacity(), 0);
+        client.write_all(&[0, 0, 0, 3, b'a']).await.unwrap();
+        client.write_all(b"bc").await.unwrap();
+        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"abc");
+        assert_eq!(reader.pending.capacity(), 0);
+
+        client.write_all(&[0, 0, 0, 17]).await.unwrap();
+        assert!(matches!(
+            reader.next().await,
+            Some(Err(ReadError::TooLarge))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_close_between_frames_ends_the_stream_and_inside_one_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut reader, _writer) = split(server, 16);
+        drop(client);
+        assert!(reader.next().await.is_none());
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (mut reader, _writer) = split(server, 16);
+        client.write_all(&[0, 0, 0, 5, b'a']).await.unwrap();
+        drop(client);
+        assert!(matches!(reader.next().await, Some(Err(ReadError::Io(_)))));
     }
 }
