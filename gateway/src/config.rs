@@ -100,6 +100,9 @@ pub struct StoreSettings {
     pub batch_max_rows: usize,
     /// Longest time the writer waits to fill a batch.
     pub batch_max_delay_ms: u64,
+    /// How often queued device cursors are written: acknowledgements of one device in that
+    /// time cost one row update. 0 writes them with every batch.
+    pub cursor_flush_ms: u64,
     /// Messages queued for the writer before new ones wait.
     pub queue_capacity: usize,
     /// Longest time a new message waits for room in a full queue before it is refused.
@@ -147,6 +150,7 @@ impl Default for StoreSettings {
             pool_size: 8,
             batch_max_rows: 1000,
             batch_max_delay_ms: 5,
+            cursor_flush_ms: 1_000,
             queue_capacity: 100_000,
             enqueue_timeout_ms: 1_000,
             retry_initial_ms: 100,
@@ -464,6 +468,9 @@ impl Settings {
             return invalid(
                 "store.batch_max_rows, store.queue_capacity and store.pool_size must be positive",
             );
+        }
+        if self.store.cursor_flush_ms > 60_000 {
+            return invalid("store.cursor_flush_ms must be at most 60000");
         }
         let d = &self.delivery;
         if d.window == 0 || d.window > 65_536 {

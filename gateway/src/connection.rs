@@ -29,7 +29,6 @@ use crate::metrics;
 use crate::node::{Node, SlotGuard};
 use crate::registry::{ConnHandle, RegisterError};
 use crate::router::valid_id;
-use crate::store::DeliveryState;
 use crate::store::{StoreError, StoredMessage};
 use crate::transport::{self, FrameReader, FrameWriter, ReadError};
 
@@ -672,15 +671,10 @@ impl Connection {
             }
             ClientFrame::Ack { seq, id } => {
                 metrics::counter_ack();
-                let (mut ids, cursor) = stream.ack(seq, id);
-                // An id outside the window (e.g. acknowledged twice) still raises its state.
-                if let Some(id) = id.filter(|id| !ids.contains(id)) {
-                    ids.push(id);
-                }
-                let store = self.node.store();
-                store.mark(&handle.user, &ids, DeliveryState::Acknowledged);
-                if let Some(cursor) = cursor {
-                    store.save_cursor(&handle.user, &handle.device_id, cursor);
+                if let Some(cursor) = stream.ack(seq, id) {
+                    self.node
+                        .store()
+                        .save_cursor(&handle.user, &handle.device_id, cursor);
                 }
                 stream.pump(Instant::now(), out);
                 return None;

@@ -353,30 +353,24 @@ impl DeviceStream {
         }
     }
 
-    /// Acknowledges every push up to `seq` (cumulative) and/or the push `id`. Returns the ids
-    /// acknowledged and the new cursor if it moved.
-    pub fn ack(
-        &mut self,
-        seq: Option<u64>,
-        id: Option<MessageId>,
-    ) -> (Vec<MessageId>, Option<u64>) {
-        let mut ids = Vec::new();
+    /// Acknowledges every push up to `seq` (cumulative) and/or the push `id`. Returns the new
+    /// cursor if it moved.
+    pub fn ack(&mut self, seq: Option<u64>, id: Option<MessageId>) -> Option<u64> {
         if let Some(seq) = seq {
             while self.inflight.front().is_some_and(|f| f.seq <= seq) {
-                ids.extend(self.inflight.pop_front().map(|f| f.id));
+                self.inflight.pop_front();
             }
         }
         if let Some(id) = id {
             if let Some(pos) = self.inflight.iter().position(|f| f.id == id) {
-                ids.extend(self.inflight.remove(pos).map(|f| f.id));
+                self.inflight.remove(pos);
             }
         }
         let cursor = self.cursor();
-        let moved = (cursor > self.cursor).then(|| {
+        (cursor > self.cursor).then(|| {
             self.cursor = cursor;
             cursor
-        });
-        (ids, moved)
+        })
     }
 
     /// Pushes what is due, in order, into `out`: contiguous positions while the window has
@@ -683,18 +677,15 @@ mod tests {
         }
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["p1", "p2"]);
-        let (ids, cursor) = s.ack(Some(1), None);
-        assert_eq!((ids, cursor), (vec![MessageId(1001)], Some(1)));
+        assert_eq!(s.ack(Some(1), None), Some(1));
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["p3"]);
         // An ack by id of a later push does not move the cursor past an unacknowledged one.
-        let (ids, cursor) = s.ack(None, Some(MessageId(1003)));
-        assert_eq!((ids, cursor), (vec![MessageId(1003)], None));
+        assert_eq!(s.ack(None, Some(MessageId(1003))), None);
         assert_eq!(s.cursor(), 1);
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["p4"]);
-        let (_, cursor) = s.ack(Some(4), None);
-        assert_eq!(cursor, Some(4));
+        assert_eq!(s.ack(Some(4), None), Some(4));
     }
 
     #[test]

@@ -59,7 +59,8 @@ on_both_backends!(
     a_repeated_client_msg_id_is_stored_once,
     duplicates_within_one_large_batch_get_one_id,
     history_pages_are_complete_and_newest_first,
-    pending_is_oldest_first_and_marks_move_rows_out,
+    acknowledged_comes_from_the_device_cursors,
+    cursor_updates_wait_for_their_interval_and_close_writes_them,
     close_flushes_everything_queued,
     close_finishes_while_acknowledgements_keep_coming,
     a_full_queue_refuses_and_loses_nothing,
@@ -141,6 +142,8 @@ impl TestDb {
             pool_size: 4,
             batch_max_rows: 200,
             batch_max_delay_ms: 2,
+            // With every batch, so that a row written after a cursor update is a barrier.
+            cursor_flush_ms: 0,
             queue_capacity: 10_000,
             enqueue_timeout_ms: 1_000,
             retry_initial_ms: 10,
@@ -304,6 +307,33 @@ impl Raw {
         }
     }
 
+    /// The stored cursor of one device, if it has one.
+    async fn cursor(&mut self, user: &str, device: &str) -> Option<i64> {
+        let sql = "SELECT acked_seq FROM device_cursors WHERE user_id = ? AND device_id = ?";
+        match self {
+            Raw::MySql(c) => sqlx::query_scalar(sql)
+                .bind(user)
+                .bind(device)
+                .fetch_optional(c)
+                .await
+                .unwrap(),
+            Raw::Sqlite(c) => sqlx::query_scalar(sql)
+                .bind(user)
+                .bind(device)
+                .fetch_optional(c)
+                .await
+                .unwrap(),
+        }
+    }
+
+    async fn cursor_count(&mut self) -> i64 {
+        let sql = "SELECT COUNT(*) FROM device_cursors";
+        match self {
+            Raw::MySql(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+            Raw::Sqlite(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+        }
+    }
+
     async fn exists(&mut self, id: MessageId) -> bool {
         self.row(id).await.is_some()
     }
@@ -405,8 +435,8 @@ async fn write_all(store: &Store, messages: Vec<NewMessage>) -> Vec<PendingWrite
     pending
 }
 
-/// Waits until every state change queued so far is committed: the writer commits state changes
-/// no later than a row handed over after them.
+/// Waits until every cursor update queued so far is committed: the writer commits cursor
+/// updates no later than a row handed over after them.
 async fn settle(store: &Store) {
     let barrier = message(None, "zz-barrier", "{}");
     assert_eq!(store.persist(barrier).await.unwrap(), Persisted::Stored);
@@ -759,79 +789,86 @@ async fn history_pages_are_complete_and_newest_first(backend: Backend) {
     assert_eq!(store.close_within(WAIT).await, 0);
 }
 
-async fn pending_is_oldest_first_and_marks_move_rows_out(backend: Backend) {
+async fn acknowledged_comes_from_the_device_cursors(backend: Backend) {
     let db = TestDb::new(backend).await;
     let store = db.open().await;
 
-    let mut messages = Vec::new();
-    for i in 0..30 {
-        let from = if i % 2 == 0 { Some("alice") } else { None };
-        messages.push(message(from, "bob", &format!("{{\"i\":{i}}}")));
+    // bob: positions 1..=20 pending, 21..=25 delivered; carol: 1..=10 pending.
+    let mut to_bob = Vec::new();
+    for seq in 1..=25u64 {
+        let mut m = message(Some("alice"), "bob", &format!("{{\"seq\":{seq}}}"));
+        m.seq = seq;
+        if seq > 20 {
+            m.state = DeliveryState::Delivered;
+        }
+        to_bob.push(m);
     }
-    let pending_ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
-    for _ in 0..5 {
-        let mut m = message(Some("alice"), "bob", "{}");
-        m.state = DeliveryState::Delivered;
-        messages.push(m);
+    let to_carol: Vec<NewMessage> = (1..=10u64)
+        .map(|seq| {
+            let mut m = message(Some("alice"), "carol", "{}");
+            m.seq = seq;
+            m
+        })
+        .collect();
+    let all: Vec<NewMessage> = to_bob.iter().chain(&to_carol).cloned().collect();
+    for result in join_all(write_all(&store, all).await).await {
+        assert_eq!(result.unwrap(), Persisted::Stored);
     }
-    for _ in 0..10 {
-        messages.push(message(Some("alice"), "carol", "{}"));
-    }
-    for result in join_all(write_all(&store, messages.clone()).await).await {
-        result.unwrap();
-    }
-
-    let all = store.pending("bob", None, 100).await.unwrap();
-    assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), pending_ids);
-    assert!(all.iter().all(|m| m.state == DeliveryState::Pending));
-    assert_eq!(all[0], stored(&messages[0]));
-    // Paging with the cursor.
-    let mut paged = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.pending("bob", after, 7).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        paged.extend(page.iter().map(|m| m.id));
-    }
-    assert_eq!(paged, pending_ids);
-
-    store.mark("bob", &pending_ids[..10], DeliveryState::Delivered);
-    store.mark("bob", &pending_ids[5..15], DeliveryState::Acknowledged);
-    settle(&store).await;
-    let left = store.pending("bob", None, 100).await.unwrap();
-    assert_eq!(
-        left.iter().map(|m| m.id).collect::<Vec<_>>(),
-        pending_ids[15..]
-    );
     let state = |id| {
         let store = store.clone();
         async move { store.message(id).await.unwrap().unwrap().state }
     };
-    assert_eq!(state(pending_ids[0]).await, DeliveryState::Delivered);
-    assert_eq!(state(pending_ids[5]).await, DeliveryState::Acknowledged);
-    assert_eq!(state(pending_ids[14]).await, DeliveryState::Acknowledged);
+    assert_eq!(state(to_bob[0].id).await, DeliveryState::Pending);
+    assert_eq!(state(to_bob[22].id).await, DeliveryState::Delivered);
 
-    // A state never goes down, and nobody marks someone else's messages.
-    store.mark("bob", &pending_ids[5..10], DeliveryState::Delivered);
-    store.mark("bob", &pending_ids[15..16], DeliveryState::Pending);
-    store.mark("carol", &pending_ids[20..25], DeliveryState::Acknowledged);
+    // Two devices of bob: the furthest cursor counts. Cursors never go down.
+    let bob: Arc<str> = "bob".into();
+    store.save_cursor(&bob, &"phone".into(), 8);
+    store.save_cursor(&bob, &"laptop".into(), 22);
+    store.save_cursor(&bob, &"laptop".into(), 3);
     settle(&store).await;
-    assert_eq!(state(pending_ids[7]).await, DeliveryState::Acknowledged);
-    assert_eq!(store.pending("bob", None, 100).await.unwrap().len(), 15);
-    assert_eq!(store.pending("carol", None, 100).await.unwrap().len(), 10);
-
-    // An acknowledgement that arrives before its row reached the writer is not lost.
-    let mut early = message(Some("alice"), "bob", "{\"early\":true}");
-    early.state = DeliveryState::Delivered;
-    store.mark("bob", &[early.id], DeliveryState::Acknowledged);
-    settle(&store).await;
-    assert_eq!(
-        store.persist(early.clone()).await.unwrap(),
-        Persisted::Stored
-    );
-    assert_eq!(state(early.id).await, DeliveryState::Acknowledged);
+    for (i, m) in to_bob.iter().enumerate() {
+        let expected = match m.seq {
+            1..=22 => DeliveryState::Acknowledged,
+            _ => DeliveryState::Delivered,
+        };
+        assert_eq!(state(m.id).await, expected, "bob's message #{}", i + 1);
+    }
+    // Nobody else's messages: carol's positions 1..=10 stay pending.
+    for m in &to_carol {
+        assert_eq!(state(m.id).await, DeliveryState::Pending);
+    }
+    // The history shows the same states, to the recipient and to the sender.
+    let received = store.history("bob", None, None, 100).await.unwrap();
+    let sent = store.history("alice", None, None, 100).await.unwrap();
+    for page in [&received, &sent] {
+        for m in page.iter().filter(|m| m.recipient == "bob") {
+            let acknowledged = m.state == DeliveryState::Acknowledged;
+            assert_eq!(acknowledged, m.seq <= 22, "position {}", m.seq);
+        }
+    }
+    assert_eq!(sent.len(), 35);
+    assert!(sent
+        .iter()
+        .filter(|m| m.recipient == "carol")
+        .all(|m| m.state == DeliveryState::Pending));
     assert_eq!(store.close_within(WAIT).await, 0);
+}
+
+async fn cursor_updates_wait_for_their_interval_and_close_writes_them(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.open_with(|s| s.cursor_flush_ms = 60_000).await;
+    let (bob, phone): (Arc<str>, Arc<str>) = ("bob".into(), "phone".into());
+    for seq in 1..=50 {
+        store.save_cursor(&bob, &phone, seq);
+    }
+    // Rows are written at once; the cursor waits for its interval (a minute here).
+    settle(&store).await;
+    let mut raw = db.raw().await;
+    assert_eq!(raw.cursor("bob", "phone").await, None);
+    // Closing writes what is queued: the highest position, once.
+    assert_eq!(within("close", store.close_within(WAIT)).await, 0);
+    assert_eq!(raw.cursor("bob", "phone").await, Some(50));
 }
 
 async fn close_flushes_everything_queued(backend: Backend) {
@@ -840,14 +877,19 @@ async fn close_flushes_everything_queued(backend: Backend) {
     let messages: Vec<_> = (0..5_000)
         .map(|i| message(Some("alice"), &format!("user-{}", i % 50), "{\"n\":42}"))
         .collect();
-    let marked = messages[0].id;
     let pending = write_all(&store, messages).await;
-    store.mark("user-0", &[marked], DeliveryState::Acknowledged);
+    // Cursor updates of many devices at once, queued while the rows are being written.
+    let users: Vec<Arc<str>> = (0..3_000).map(|i| format!("user-{i}").into()).collect();
+    let phone: Arc<str> = "phone".into();
+    for (i, user) in users.iter().enumerate() {
+        store.save_cursor(user, &phone, i as u64 + 1);
+    }
     assert_eq!(within("close", store.close_within(WAIT)).await, 0);
 
     let mut raw = db.raw().await;
     assert_eq!(raw.count().await, 5_000);
-    assert_eq!(raw.row(marked).await.unwrap().state, 2);
+    assert_eq!(raw.cursor_count().await, 3_000);
+    assert_eq!(raw.cursor("user-2999", "phone").await, Some(3_000));
     for result in join_all(pending).await {
         assert_eq!(result.unwrap(), Persisted::Stored);
     }
@@ -855,7 +897,7 @@ async fn close_flushes_everything_queued(backend: Backend) {
     assert!(matches!(store.reserve().await, Err(StoreError::Closed)));
     let refused = store.persist(message(Some("alice"), "bob", "{}")).await;
     assert!(matches!(refused, Err(StoreError::Closed)));
-    store.mark("bob", &[marked], DeliveryState::Acknowledged);
+    store.save_cursor(&users[0], &phone, 10_000);
     assert_eq!(
         store.close_within(WAIT).await,
         0,
@@ -928,15 +970,17 @@ async fn close_finishes_while_acknowledgements_keep_coming(backend: Backend) {
     let messages: Vec<_> = (0..100)
         .map(|_| message(Some("alice"), "bob", "{}"))
         .collect();
-    let ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
     let pending = write_all(&store, messages).await;
     // A connection that keeps acknowledging while the node shuts down.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let acks = tokio::spawn({
-        let (store, stop, ids) = (store.clone(), stop.clone(), ids.clone());
+        let (store, stop) = (store.clone(), stop.clone());
+        let (bob, phone): (Arc<str>, Arc<str>) = ("bob".into(), "phone".into());
         async move {
+            let mut seq = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                store.mark("bob", &ids, DeliveryState::Acknowledged);
+                seq += 1;
+                store.save_cursor(&bob, &phone, seq);
                 tokio::task::yield_now().await;
             }
         }
@@ -955,7 +999,7 @@ async fn close_finishes_while_acknowledgements_keep_coming(backend: Backend) {
     }
     let mut raw = db.raw().await;
     assert_eq!(raw.count().await, 100);
-    assert_eq!(raw.row(ids[0]).await.unwrap().state, 2);
+    assert!(raw.cursor("bob", "phone").await.is_some_and(|c| c >= 1));
 }
 
 async fn a_full_queue_refuses_and_loses_nothing(backend: Backend) {
@@ -1059,7 +1103,6 @@ async fn ids_compare_byte_for_byte(backend: Backend) {
         let history = store.history(user, None, None, 10).await.unwrap();
         assert_eq!(history.len(), 1, "history of {user:?}");
         assert_eq!(history[0].recipient, user);
-        assert_eq!(store.pending(user, None, 10).await.unwrap().len(), 1);
     }
     assert_eq!(
         store

@@ -22,6 +22,7 @@ mod sql;
 mod starts;
 mod writer;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -72,10 +73,9 @@ pub mod metric {
     /// Queued rows that were not written, by reason: unwritten (the database stayed down until
     /// the close deadline), not_stored (ignored by the database) (counter).
     pub const ROWS_FAILED: &str = "imgate_store_rows_failed_total";
-    /// Rows whose delivery state was raised (counter).
-    pub const STATE_UPDATES: &str = "imgate_store_state_updates_total";
-    /// State changes dropped because too many were queued, or the store was closed (counter).
-    pub const MARKS_DROPPED: &str = "imgate_store_marks_dropped_total";
+    /// Device-cursor updates dropped because too many devices were queued, or the store was
+    /// closed (counter).
+    pub const CURSORS_DROPPED: &str = "imgate_store_cursors_dropped_total";
 }
 
 /// Every store metric with its kind, for the metrics catalog (`docs/metrics.md`).
@@ -88,8 +88,7 @@ pub const CATALOG: &[(&str, &str)] = &[
     (metric::REFUSED, "counter"),
     (metric::DUPLICATES, "counter"),
     (metric::ROWS_FAILED, "counter"),
-    (metric::STATE_UPDATES, "counter"),
-    (metric::MARKS_DROPPED, "counter"),
+    (metric::CURSORS_DROPPED, "counter"),
 ];
 
 /// Histogram buckets for [`metric::BATCH_ROWS`] (rows, not seconds).
@@ -137,12 +136,8 @@ pub fn describe_metrics() {
         "Queued messages that were not written, by reason: unwritten (database down until the close deadline), not_stored."
     );
     describe_counter!(
-        metric::STATE_UPDATES,
-        "Messages whose delivery state was raised."
-    );
-    describe_counter!(
-        metric::MARKS_DROPPED,
-        "Delivery-state changes dropped because too many were queued or the store was closed."
+        metric::CURSORS_DROPPED,
+        "Device-cursor updates dropped because too many devices were queued or the store was closed; the device then replays from its older cursor."
     );
 }
 
@@ -151,14 +146,19 @@ fn count_refused(reason: &'static str) {
 }
 
 /// Where a message is in its delivery to one recipient. Only ever rises.
+///
+/// A row is written once, as `Pending` or `Delivered`; `Acknowledged` is not written to the row
+/// but read from the recipient's device cursors (see [`Store::message`]), which every
+/// acknowledgement raises anyway: one write per batch of acknowledgements instead of one per
+/// message, and the same answer on every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
     /// Nobody was online when it was sent.
     Pending,
-    /// Pushed to at least one live connection.
+    /// Pushed to at least one live connection when it was sent.
     Delivered,
-    /// The recipient acknowledged it.
+    /// A device of the recipient acknowledged it: its cursor reached the message's position.
     Acknowledged,
 }
 
@@ -492,6 +492,7 @@ impl Store {
                 },
                 batch_max_rows: settings.batch_max_rows,
                 batch_max_delay: Duration::from_millis(settings.batch_max_delay_ms),
+                cursor_flush: Duration::from_millis(settings.cursor_flush_ms),
                 retry_initial,
                 retry_max,
                 limits,
@@ -597,35 +598,8 @@ impl Store {
         self.reserve().await?.write(msg).await
     }
 
-    /// Raises the state of `recipient`'s messages `ids` to `state`, in the writer's next batch.
-    /// Never lowers a state; ids that are not `recipient`'s are left alone; a message whose row
-    /// has not reached the database yet gets the state when it does. Fire and forget: when too
-    /// many changes are queued (a long outage) or the store is closed, changes are dropped,
-    /// counted in [`metric::MARKS_DROPPED`] and logged; the messages then keep their lower
-    /// state and may be delivered again (at least once). Ordering: changes marked before a row
-    /// is handed to [`WritePermit::write`] are committed no later than that row.
-    pub fn mark(&self, recipient: &str, ids: &[MessageId], state: DeliveryState) {
-        if ids.is_empty() || state == DeliveryState::Pending {
-            return;
-        }
-        let ids: Vec<i64> = ids.iter().filter_map(|&id| sql::id_to_db(id)).collect();
-        let shared = &self.inner.shared;
-        let dropped = if shared.stopped.borrow().is_some() {
-            ids.len()
-        } else {
-            shared.push_marks(recipient, &ids, state)
-        };
-        if dropped > 0 {
-            metrics::counter!(metric::MARKS_DROPPED).increment(dropped as u64);
-            warn!(
-                dropped,
-                state = state.as_str(),
-                "delivery-state changes dropped: the store is closed or too many are queued"
-            );
-        }
-    }
-
-    /// The row of message `id`.
+    /// The row of message `id`, with its state as of now (acknowledged once a device cursor of
+    /// the recipient reached its position).
     pub async fn message(&self, id: MessageId) -> Result<Option<StoredMessage>, StoreError> {
         let Some(id) = sql::id_to_db(id) else {
             return Ok(None);
@@ -634,7 +608,45 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.inner.reads)
             .await?;
-        Ok(row.as_ref().map(sql::stored_message).transpose()?)
+        let Some(message) = row.as_ref().map(sql::stored_message).transpose()? else {
+            return Ok(None);
+        };
+        Ok(self.with_acknowledged(vec![message]).await?.pop())
+    }
+
+    /// Raises to `Acknowledged` the state of every message that a device of its recipient has
+    /// acknowledged (the device's cursor is at or past the message's position).
+    async fn with_acknowledged(
+        &self,
+        mut messages: Vec<StoredMessage>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut recipients: Vec<&str> = messages
+            .iter()
+            .filter(|m| m.state < DeliveryState::Acknowledged)
+            .map(|m| m.recipient.as_str())
+            .collect();
+        recipients.sort_unstable();
+        recipients.dedup();
+        if recipients.is_empty() {
+            return Ok(messages);
+        }
+        let statement = sql::acknowledged_heads(recipients.len());
+        let mut query = sqlx::query(&statement);
+        for recipient in &recipients {
+            query = query.bind(*recipient);
+        }
+        let mut heads = HashMap::new();
+        for row in query.fetch_all(&self.inner.reads).await? {
+            let user = sql::text(&row, 0)?.unwrap_or_default();
+            let head: Option<i64> = row.try_get(1)?;
+            heads.insert(user, head.map_or(0, |h| u64::try_from(h).unwrap_or(0)));
+        }
+        for m in &mut messages {
+            if heads.get(&m.recipient).is_some_and(|&head| m.seq <= head) {
+                m.state = DeliveryState::Acknowledged;
+            }
+        }
+        Ok(messages)
     }
 
     /// The messages `user` sent or received (only those with `peer`, when given), newest first,
@@ -678,34 +690,11 @@ impl Store {
                 .bind(limit),
         };
         let rows = query.fetch_all(&self.inner.reads).await?;
-        Ok(rows
+        let messages = rows
             .iter()
             .map(sql::stored_message)
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// `user`'s pending messages (nobody was online when they were sent, and no delivery has
-    /// been marked since), oldest first, after `after` when given, at most `limit` (capped at
-    /// [`MAX_PAGE`]). The next page is `after = last id of this page`.
-    pub async fn pending(
-        &self,
-        user: &str,
-        after: Option<MessageId>,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let limit = i64::from(limit.min(MAX_PAGE));
-        let after = match after {
-            None => -1,
-            Some(id) => match sql::id_to_db(id) {
-                Some(id) => id,
-                None => return Ok(Vec::new()),
-            },
-        };
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        self.page(&self.inner.queries.pending, user, after, limit)
-            .await
+            .collect::<Result<_, _>>()?;
+        self.with_acknowledged(messages).await
     }
 
     /// Runs a page query that binds (user, position, limit) and reads its rows.
@@ -770,15 +759,15 @@ impl Store {
     }
 
     /// Raises the cursor of `device` of `user` to `seq` in the writer's next batch (never
-    /// lowers it). Fire and forget, like [`mark`](Self::mark): dropped (counted in
-    /// [`metric::MARKS_DROPPED`]) when the store is closed or too many devices are queued; the
-    /// device then replays from its older cursor, and its client drops what it already has.
+    /// lowers it). Fire and forget: dropped (counted in [`metric::CURSORS_DROPPED`]) when the
+    /// store is closed or too many devices are queued; the device then replays from its older
+    /// cursor, and its client drops what it already has.
     pub fn save_cursor(&self, user: &Arc<str>, device: &Arc<str>, seq: u64) {
         let shared = &self.inner.shared;
         let queued = shared.stopped.borrow().is_none()
             && shared.push_cursor((user.clone(), device.clone()), seq);
         if !queued {
-            metrics::counter!(metric::MARKS_DROPPED).increment(1);
+            metrics::counter!(metric::CURSORS_DROPPED).increment(1);
         }
     }
 

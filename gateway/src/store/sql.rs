@@ -131,6 +131,16 @@ pub fn device_starts(dialect: Dialect, n: usize) -> String {
     sql
 }
 
+/// The highest acknowledged position of each of `n` users, over all their devices: binds the
+/// user ids; rows (user_id, MAX(acked_seq)) of the users that have a cursor.
+pub fn acknowledged_heads(n: usize) -> String {
+    let mut sql =
+        String::from("SELECT user_id, MAX(acked_seq) FROM device_cursors WHERE user_id IN (");
+    placeholders(&mut sql, n);
+    sql.push_str(") GROUP BY user_id");
+    sql
+}
+
 /// Which of `n` ids exist.
 pub fn existing_ids(n: usize) -> String {
     let mut sql = String::from("SELECT id FROM messages WHERE id IN (");
@@ -148,39 +158,6 @@ pub fn by_client_ids(n: usize) -> String {
         }
         sql.push_str("(sender = ? AND recipient = ? AND client_msg_id = ?)");
     }
-    sql
-}
-
-/// Raises the state of some messages of some recipients (SQLite): binds the new state twice,
-/// then for each group its recipient and its ids. `groups` holds the number of ids of each
-/// recipient. The `state < ?` guard makes a state never go down; the recipient check makes a
-/// user unable to change the state of someone else's message.
-pub fn raise_state_groups(groups: &[usize]) -> String {
-    let mut sql = String::from("UPDATE messages SET state = ? WHERE state < ? AND (");
-    for (i, &n) in groups.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(" OR ");
-        }
-        sql.push_str("(recipient = ? AND id IN (");
-        placeholders(&mut sql, n);
-        sql.push_str("))");
-    }
-    sql.push(')');
-    sql
-}
-
-/// [`raise_state_groups`] for MariaDB: binds the new state twice, then `pairs` (recipient, id)
-/// pairs. Its shape depends on the number of pairs only, so that it is prepared once per size.
-/// MariaDB is told to read by primary key: left to itself, its range analysis of such a list
-/// (or of an OR of (recipient, ids) groups) costs ten to fifty times the update itself.
-pub fn raise_state_pairs(pairs: usize) -> String {
-    let mut sql = String::from(
-        "UPDATE messages FORCE INDEX (PRIMARY) SET state = ? WHERE state < ? AND (recipient, id) IN (",
-    );
-    for i in 0..pairs {
-        sql.push_str(if i == 0 { "(?, ?)" } else { ", (?, ?)" });
-    }
-    sql.push(')');
     sql
 }
 
@@ -207,8 +184,6 @@ pub struct Queries {
     /// The highest position of a user's stream that is stored: binds recipient.
     pub stream_head: String,
 
-    /// Pending messages of a user after a cursor, oldest first: binds recipient, after, limit.
-    pub pending: String,
     /// Everything a user sent or received before a cursor, newest first: binds, three times
     /// (one per state) user, user, before, limit; then user, before, limit; then limit.
     pub history_all: String,
@@ -265,10 +240,6 @@ impl Queries {
             ),
             stream_head: format!("SELECT MAX(seq) FROM {stream} WHERE recipient = ?"),
 
-            pending: format!(
-                "SELECT {COLUMNS} FROM {pending_index} \
-                 WHERE recipient = ? AND state = 0 AND id > ? ORDER BY id LIMIT ?"
-            ),
             history_all,
             history_with_peer,
             history_with_self: format!(
@@ -356,8 +327,7 @@ mod tests {
         assert!(insert(Dialect::Sqlite, 1).starts_with("INSERT OR IGNORE INTO messages"));
         assert_eq!(count(&existing_ids(5)), 5);
         assert_eq!(count(&by_client_ids(4)), 12);
-        assert_eq!(count(&raise_state_groups(&[2, 1, 3])), 2 + 3 + 6);
-        assert_eq!(count(&raise_state_pairs(5)), 2 + 10);
+        assert_eq!(count(&acknowledged_heads(3)), 3);
         for dialect in [Dialect::MySql, Dialect::Sqlite] {
             let q = Queries::new(dialect);
             assert_eq!(count(&q.message_by_id), 1);
@@ -365,16 +335,15 @@ mod tests {
             assert_eq!(count(&q.history_all), 3 * 4 + 3 + 1);
             assert_eq!(count(&q.history_with_peer), 9);
             assert_eq!(count(&q.history_with_self), 4);
-            assert_eq!(count(&q.pending), 3);
             assert_eq!(count(&q.stream), 3);
             assert_eq!(count(&q.stream_head), 1);
             assert_eq!(count(&device_starts(dialect, 3)), 2 * 3 + 3);
         }
         assert!(Queries::new(Dialect::MySql)
-            .pending
+            .history_all
             .contains("FORCE INDEX (ix_messages_pending)"));
         assert!(Queries::new(Dialect::Sqlite)
-            .pending
+            .history_all
             .contains("INDEXED BY ix_messages_pending"));
     }
 

@@ -1,13 +1,13 @@
 //! The writer: one task per store, on a thread of its own. It takes rows from the bounded queue
 //! in batches (by size or age), writes each batch with multi-row INSERTs (group commit: one
 //! transaction, or on MySQL two concurrent ones for large batches), finds out which rows were
-//! duplicates, applies queued state changes, and only after the COMMIT tells each row's sender
+//! duplicates, raises queued device cursors, and only after the COMMIT tells each row's sender
 //! how it went. While the database fails it retries the same batch with exponential backoff,
 //! forever, unless the store is closing and its deadline has passed. New rows keep queueing
 //! meanwhile, so a long outage fills the queue and `Store::reserve` starts refusing: nothing is
 //! ever dropped without its sender being told.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::AtomicBool;
@@ -25,20 +25,17 @@ use tracing::{debug, error, info, warn};
 
 use super::setup::{self, Limits};
 use super::sql::{self, Dialect, INSERT_PARAMS_PER_ROW};
-use super::{metric, DeliveryState, NewMessage, Persisted, StoreError};
+use super::{metric, NewMessage, Persisted, StoreError};
 
 /// Longest one write attempt may take before it is abandoned (and retried on a new connection).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Batches slower than this are logged.
 const SLOW_BATCH: Duration = Duration::from_secs(1);
-/// Most state changes waiting for the writer; more are dropped (and counted).
-pub(crate) const MAX_QUEUED_MARKS: usize = 100_000;
-/// How long applied state changes are remembered, for rows that reach the writer after their
-/// acknowledgement did (see [`RecentMarks`]).
-const RECENT_MARKS_WINDOW: Duration = Duration::from_secs(30);
-const RECENT_MARKS_MAX: usize = 100_000;
-/// Most bind parameters of one state-change UPDATE.
-const MAX_MARK_PARAMS: usize = 4_096;
+/// Most devices whose cursor updates wait for the writer; updates of more are dropped (and
+/// counted).
+pub(crate) const MAX_QUEUED_CURSORS: usize = 100_000;
+/// Most bind parameters of one duplicate lookup.
+const MAX_LOOKUP_PARAMS: usize = 4_096;
 /// Idempotency keys looked up per query (OR-ed terms; SQLite's expression depth limit is 1,000).
 const MAX_KEYS_PER_LOOKUP: usize = 200;
 /// How often the queue-depth gauge is refreshed while the writer waits to retry.
@@ -59,13 +56,6 @@ pub(crate) struct Row {
     pub done: oneshot::Sender<Result<Persisted, StoreError>>,
 }
 
-/// A queued state change of one message of one recipient.
-pub(crate) struct Mark {
-    pub id: i64,
-    pub recipient: Arc<str>,
-    pub state: DeliveryState,
-}
-
 /// A device cursor to raise: (user, device) → acknowledged position.
 pub(crate) type CursorKey = (Arc<str>, Arc<str>);
 
@@ -74,7 +64,6 @@ const CURSORS_PER_STATEMENT: usize = 1_000;
 
 /// What the store and its writer share.
 pub(crate) struct Shared {
-    marks: Mutex<Vec<Mark>>,
     /// Device cursors to raise, coalesced per device (the highest position wins).
     cursors: Mutex<HashMap<CursorKey, u64>>,
     wake: Notify,
@@ -90,7 +79,6 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new() -> Shared {
         Shared {
-            marks: Mutex::new(Vec::new()),
             cursors: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
@@ -99,53 +87,34 @@ impl Shared {
         }
     }
 
-    fn lock_marks(&self) -> MutexGuard<'_, Vec<Mark>> {
-        // A panic while holding the lock cannot leave the Vec inconsistent.
-        self.marks.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues state changes; returns how many did not fit.
-    pub fn push_marks(&self, recipient: &str, ids: &[i64], state: DeliveryState) -> usize {
-        let recipient: Arc<str> = recipient.into();
-        let mut marks = self.lock_marks();
-        let room = MAX_QUEUED_MARKS.saturating_sub(marks.len());
-        let taken = ids.len().min(room);
-        marks.extend(ids[..taken].iter().map(|&id| Mark {
-            id,
-            recipient: recipient.clone(),
-            state,
-        }));
-        drop(marks);
-        if taken > 0 {
-            self.wake.notify_one();
-        }
-        ids.len() - taken
-    }
-
-    fn take_marks(&self) -> Vec<Mark> {
-        std::mem::take(&mut *self.lock_marks())
-    }
-
     fn lock_cursors(&self) -> MutexGuard<'_, HashMap<CursorKey, u64>> {
+        // A panic while holding the lock cannot leave the map inconsistent.
         self.cursors.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a cursor update; `false` when too many devices are queued already.
+    /// Queues a cursor update; `false` when too many devices are queued already. The writer
+    /// is woken for the first update queued since its last flush; it writes them when they are
+    /// due (`cursor_flush`).
     pub fn push_cursor(&self, key: CursorKey, seq: u64) -> bool {
         let mut cursors = self.lock_cursors();
-        if cursors.len() >= MAX_QUEUED_MARKS && !cursors.contains_key(&key) {
+        if cursors.len() >= MAX_QUEUED_CURSORS && !cursors.contains_key(&key) {
             return false;
         }
+        let first = cursors.is_empty();
         let entry = cursors.entry(key).or_insert(0);
         *entry = (*entry).max(seq);
         drop(cursors);
-        self.wake.notify_one();
+        if first {
+            self.wake.notify_one();
+        }
         true
     }
 
+    /// The queued cursor updates, in key order: every transaction locks the rows it upserts in
+    /// the same order, so that two writers (of two nodes) cannot deadlock on them.
     fn take_cursors(&self) -> Vec<CursorRow> {
         let now = crate::auth::unix_millis() as i64;
-        std::mem::take(&mut *self.lock_cursors())
+        let mut rows: Vec<CursorRow> = std::mem::take(&mut *self.lock_cursors())
             .into_iter()
             .map(|((user, device), seq)| CursorRow {
                 user,
@@ -153,7 +122,9 @@ impl Shared {
                 seq: i64::try_from(seq).unwrap_or(i64::MAX),
                 at_ms: now,
             })
-            .collect()
+            .collect();
+        rows.sort_unstable_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
+        rows
     }
 
     /// Puts back cursor updates of a batch that could not be written.
@@ -167,8 +138,8 @@ impl Shared {
         }
     }
 
-    fn has_marks(&self) -> bool {
-        !self.lock_marks().is_empty() || !self.lock_cursors().is_empty()
+    fn has_cursors(&self) -> bool {
+        !self.lock_cursors().is_empty()
     }
 }
 
@@ -195,6 +166,8 @@ pub(crate) struct WriterConfig {
     pub lanes: usize,
     pub batch_max_rows: usize,
     pub batch_max_delay: Duration,
+    /// How often queued cursor updates are written (zero: with every batch).
+    pub cursor_flush: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub limits: Limits,
@@ -217,7 +190,8 @@ pub(crate) struct Writer {
     close_rx: watch::Receiver<Option<Duration>>,
     closing: bool,
     deadline: Option<Instant>,
-    recent: RecentMarks,
+    /// When the writer first saw the cursor updates now queued.
+    cursors_since: Option<Instant>,
     /// Set while writes fail: when the streak began and how many attempts failed.
     failing: Option<(Instant, u32)>,
     unwritten: usize,
@@ -241,7 +215,7 @@ impl Writer {
             close_rx,
             closing: false,
             deadline: None,
-            recent: RecentMarks::default(),
+            cursors_since: None,
             failing: None,
             unwritten: 0,
         }
@@ -268,10 +242,13 @@ impl Writer {
         let mut rows = Vec::with_capacity(self.cfg.batch_max_rows.min(8_192));
         loop {
             let open = self.collect(&mut rows).await;
-            let marks = self.shared.take_marks();
-            let cursors = self.shared.take_cursors();
-            if !rows.is_empty() || !marks.is_empty() || !cursors.is_empty() {
-                conns = self.flush(&pool, conns, &mut rows, marks, cursors).await;
+            let cursors = if self.cursors_due(Instant::now()) {
+                self.take_cursors()
+            } else {
+                Vec::new()
+            };
+            if !rows.is_empty() || !cursors.is_empty() {
+                conns = self.flush(&pool, conns, &mut rows, cursors).await;
                 if !own {
                     conns.clear();
                 }
@@ -280,11 +257,10 @@ impl Writer {
                 break;
             }
         }
-        // State changes queued during the last batch.
-        let marks = self.shared.take_marks();
-        let cursors = self.shared.take_cursors();
-        if !marks.is_empty() || !cursors.is_empty() {
-            conns = self.flush(&pool, conns, &mut rows, marks, cursors).await;
+        // Cursor updates still queued, due or not.
+        let cursors = self.take_cursors();
+        if !cursors.is_empty() {
+            conns = self.flush(&pool, conns, &mut rows, cursors).await;
         }
         drop(conns);
         if own
@@ -323,18 +299,39 @@ impl Writer {
         self.closing && self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
+    /// When the queued cursor updates are to be written, if any are queued: `cursor_flush`
+    /// after the writer first saw one.
+    fn cursor_deadline(&mut self, now: Instant) -> Option<Instant> {
+        if !self.shared.has_cursors() {
+            self.cursors_since = None;
+            return None;
+        }
+        Some(*self.cursors_since.get_or_insert(now) + self.cfg.cursor_flush)
+    }
+
+    /// Whether queued cursor updates are to be written now (at once when closing).
+    fn cursors_due(&mut self, now: Instant) -> bool {
+        self.cursor_deadline(now)
+            .is_some_and(|due| self.closing || due <= now)
+    }
+
+    fn take_cursors(&mut self) -> Vec<CursorRow> {
+        self.cursors_since = None;
+        self.shared.take_cursors()
+    }
+
     fn set_depth_gauge(&self) {
         let depth = self.rx.max_capacity() - self.rx.capacity();
         metrics::gauge!(metric::QUEUE_DEPTH).set(depth as f64);
     }
 
     /// Waits for work and gathers a batch: up to `batch_max_rows` rows, waiting at most
-    /// `batch_max_delay` after the first one (or after state changes arrived). Returns false
-    /// once no more rows can come.
+    /// `batch_max_delay` after the first one; or returns when queued cursor updates are due.
+    /// Returns false once no more rows can come.
     async fn collect(&mut self, rows: &mut Vec<Row>) -> bool {
         let max = self.cfg.batch_max_rows;
         loop {
-            // Closing: done once nothing is queued and no permit is out (state changes still
+            // Closing: done once nothing is queued and no permit is out (cursor updates still
             // queued are written once more by `run`), or once the deadline has passed: then
             // every row still queued fails, loudly.
             if self.closing && self.past_deadline() {
@@ -350,10 +347,12 @@ impl Writer {
             if self.closing && self.rx.capacity() == self.rx.max_capacity() {
                 return false;
             }
-            if self.shared.has_marks() {
-                break;
+            let now = Instant::now();
+            if self.cursors_due(now) {
+                return true;
             }
             let deadline = self.deadline_or_far();
+            let cursors_at = self.cursor_deadline(now);
             tokio::select! {
                 biased;
                 _ = self.close_rx.changed(), if !self.closing => self.start_closing(),
@@ -363,7 +362,9 @@ impl Writer {
                     }
                     break;
                 }
+                // Cursor updates were queued: note when they are due.
                 _ = self.shared.wake.notified() => {}
+                _ = sleep_until(cursors_at.unwrap_or(deadline)), if cursors_at.is_some() => {}
                 // Closing, and a permit holder still has not written its row: stop waiting.
                 _ = sleep_until(deadline), if self.closing => return false,
             }
@@ -405,11 +406,9 @@ impl Writer {
         pool: &AnyPool,
         mut conns: Vec<PoolConnection<Any>>,
         rows: &mut Vec<Row>,
-        marks: Vec<Mark>,
         cursors: Vec<CursorRow>,
     ) -> Vec<PoolConnection<Any>> {
-        self.recent.record(&marks, Instant::now());
-        let plan = Plan::new(rows, marks, cursors, &self.recent, self.dialect, &self.cfg);
+        let plan = Plan::new(rows, cursors, self.dialect, &self.cfg);
         let mut backoff = self.cfg.retry_initial.max(Duration::from_millis(1));
         let mut quick_retry = true;
         loop {
@@ -493,7 +492,6 @@ impl Writer {
             metrics::histogram!(metric::BATCH_ROWS).record(rows.len() as f64);
         }
         metrics::counter!(metric::ROWS_WRITTEN).increment(written.inserted);
-        metrics::counter!(metric::STATE_UPDATES).increment(written.state_updates);
         if elapsed >= SLOW_BATCH {
             warn!(
                 rows = rows.len(),
@@ -546,7 +544,7 @@ impl Writer {
             );
             metrics::counter!(metric::ROWS_FAILED, "reason" => "unwritten").increment(n as u64);
         } else {
-            warn!(error = %error, "store closing: state changes not written");
+            warn!(error = %error, "store closing: cursor updates not written");
         }
         self.unwritten += n;
         for row in rows.drain(..) {
@@ -604,19 +602,13 @@ enum Outcome {
 struct Written {
     outcomes: Vec<Outcome>,
     inserted: u64,
-    state_updates: u64,
 }
 
 /// A batch ready to be written, the same on every attempt.
 struct Plan {
-    /// Each row's final state: its own, raised by state changes that arrived before it.
-    states: Vec<i16>,
     /// For each concurrent transaction, its INSERT statements.
     lanes: Vec<Vec<Chunk>>,
-    /// State changes, applied by the first transaction. Those of rows in this batch are already
-    /// in `states`, so it does not matter which transaction commits first.
-    marks: Vec<MarkStatement>,
-    /// Device cursors to raise, also by the first transaction.
+    /// Device cursors to raise, by the first transaction.
     cursors: Vec<CursorRow>,
 }
 
@@ -649,20 +641,6 @@ fn shape(n: usize, cap: usize) -> usize {
     rounded.min(cap).max(n)
 }
 
-/// The state changes and cursor updates one transaction carries besides its rows.
-#[derive(Clone, Copy)]
-struct Updates<'a> {
-    marks: &'a [MarkStatement],
-    cursors: &'a [CursorRow],
-}
-
-impl Updates<'_> {
-    const NONE: Updates<'static> = Updates {
-        marks: &[],
-        cursors: &[],
-    };
-}
-
 /// One device cursor to raise.
 pub(crate) struct CursorRow {
     user: Arc<str>,
@@ -671,29 +649,8 @@ pub(crate) struct CursorRow {
     at_ms: i64,
 }
 
-struct MarkStatement {
-    state: i16,
-    /// Recipients and their message ids.
-    groups: Vec<(Arc<str>, Vec<i64>)>,
-}
-
 impl Plan {
-    fn new(
-        rows: &[Row],
-        marks: Vec<Mark>,
-        cursors: Vec<CursorRow>,
-        recent: &RecentMarks,
-        dialect: Dialect,
-        cfg: &WriterConfig,
-    ) -> Plan {
-        let states = rows
-            .iter()
-            .map(|row| {
-                let own = row.msg.state;
-                let marked = recent.get(row.id, &row.msg.recipient);
-                marked.map_or(own, |m| m.max(own)).to_db()
-            })
-            .collect();
+    fn new(rows: &[Row], cursors: Vec<CursorRow>, dialect: Dialect, cfg: &WriterConfig) -> Plan {
         let lanes = if rows.len() >= PARALLEL_MIN_ROWS {
             cfg.lanes.max(1)
         } else {
@@ -736,13 +693,11 @@ impl Plan {
             plan_lanes.push(chunks);
         }
         if plan_lanes.is_empty() {
-            // State changes only.
+            // Cursor updates only.
             plan_lanes.push(Vec::new());
         }
         Plan {
-            states,
             lanes: plan_lanes,
-            marks: plan_marks(marks, mark_params(dialect)),
             cursors,
         }
     }
@@ -756,72 +711,6 @@ fn row_bytes(msg: &NewMessage) -> usize {
         + opt(&msg.sender)
         + opt(&msg.channel)
         + opt(&msg.client_msg_id)
-}
-
-/// The parameter budget [`plan_marks`] plans UPDATEs with: on MariaDB each id costs two
-/// parameters (it is bound as a (recipient, id) pair), so the plan gets half.
-fn mark_params(dialect: Dialect) -> usize {
-    let max = dialect.max_bind_params().min(MAX_MARK_PARAMS);
-    match dialect {
-        Dialect::MySql => max / 2,
-        Dialect::Sqlite => max,
-    }
-}
-
-/// Groups state changes into UPDATE statements: the highest state per (message, recipient),
-/// one statement per state, recipients' ids listed together, at most `max_params` each.
-fn plan_marks(marks: Vec<Mark>, max_params: usize) -> Vec<MarkStatement> {
-    let mut highest: HashMap<(i64, Arc<str>), DeliveryState> = HashMap::new();
-    for mark in marks {
-        let state = highest
-            .entry((mark.id, mark.recipient))
-            .or_insert(mark.state);
-        *state = (*state).max(mark.state);
-    }
-    let mut by_state: BTreeMap<i16, BTreeMap<Arc<str>, Vec<i64>>> = BTreeMap::new();
-    for ((id, recipient), state) in highest {
-        by_state
-            .entry(state.to_db())
-            .or_default()
-            .entry(recipient)
-            .or_default()
-            .push(id);
-    }
-    let max_params = max_params.max(4);
-    let mut statements = Vec::new();
-    for (state, recipients) in by_state {
-        let mut statement = MarkStatement {
-            state,
-            groups: Vec::new(),
-        };
-        let mut params = 2;
-        for (recipient, mut ids) in recipients {
-            ids.sort_unstable();
-            let mut rest = &ids[..];
-            while !rest.is_empty() {
-                if params + 2 > max_params {
-                    statements.push(std::mem::replace(
-                        &mut statement,
-                        MarkStatement {
-                            state,
-                            groups: Vec::new(),
-                        },
-                    ));
-                    params = 2;
-                }
-                let take = (max_params - params - 1).min(rest.len());
-                statement
-                    .groups
-                    .push((recipient.clone(), rest[..take].to_vec()));
-                params += 1 + take;
-                rest = &rest[take..];
-            }
-        }
-        if !statement.groups.is_empty() {
-            statements.push(statement);
-        }
-    }
-    statements
 }
 
 /// The connection of one attempt; closed, not returned to the pool, unless the attempt
@@ -868,15 +757,8 @@ async fn write_batch(
         .enumerate()
         .map(|(i, chunks)| {
             let conn = kept.pop();
-            let updates = if i == 0 {
-                Updates {
-                    marks: &plan.marks,
-                    cursors: &plan.cursors,
-                }
-            } else {
-                Updates::NONE
-            };
-            write_lane(pool, conn, dialect, rows, &plan.states, chunks, updates)
+            let cursors: &[CursorRow] = if i == 0 { &plan.cursors } else { &[] };
+            write_lane(pool, conn, dialect, rows, chunks, cursors)
         })
         .collect();
     // The connections of a batch that needs fewer transactions than the last one go back to
@@ -885,7 +767,6 @@ async fn write_batch(
     let mut written = Written {
         outcomes: vec![Outcome::Stored; rows.len()],
         inserted: 0,
-        state_updates: 0,
     };
     let mut conns = Vec::with_capacity(plan.lanes.len());
     let mut failure = None;
@@ -896,7 +777,6 @@ async fn write_batch(
                     written.outcomes[i] = outcome;
                 }
                 written.inserted += lane.inserted;
-                written.state_updates += lane.state_updates;
                 conns.push(conn);
             }
             Err(e) => failure = failure.or(Some(e)),
@@ -912,10 +792,9 @@ async fn write_batch(
 struct LaneWritten {
     outcomes: Vec<(usize, Outcome)>,
     inserted: u64,
-    state_updates: u64,
 }
 
-/// One transaction: INSERTs of some rows and state changes, then duplicate resolution. A
+/// One transaction: INSERTs of some rows and cursor updates, then duplicate resolution. A
 /// single statement runs on its own (autocommit: one round trip instead of three, and just as
 /// durable); more run in an explicit transaction, so that they cost one commit.
 async fn write_lane(
@@ -923,24 +802,22 @@ async fn write_lane(
     kept: Option<PoolConnection<Any>>,
     dialect: Dialect,
     rows: &[Row],
-    states: &[i16],
     chunks: &[Chunk],
-    updates: Updates<'_>,
+    cursors: &[CursorRow],
 ) -> Result<(LaneWritten, PoolConnection<Any>), AttemptError> {
     let mut checkout = Checkout(Some(match kept {
         Some(conn) => conn,
         None => pool.acquire().await?,
     }));
     let conn: &mut sqlx::AnyConnection = checkout.conn();
-    let statements =
-        chunks.len() + updates.marks.len() + updates.cursors.len().div_ceil(CURSORS_PER_STATEMENT);
+    let statements = chunks.len() + cursors.len().div_ceil(CURSORS_PER_STATEMENT);
     let done = if statements > 1 {
         let mut tx = conn.begin().await?;
-        let done = lane_statements(&mut tx, dialect, rows, states, chunks, updates).await?;
+        let done = lane_statements(&mut tx, dialect, rows, chunks, cursors).await?;
         tx.commit().await?;
         done
     } else {
-        lane_statements(conn, dialect, rows, states, chunks, updates).await?
+        lane_statements(conn, dialect, rows, chunks, cursors).await?
     };
     // Committed: the rows of this lane are there, and so are the ones they repeat (a
     // duplicate's INSERT waits for the transaction holding its key to end).
@@ -952,7 +829,6 @@ async fn write_lane(
     let written = LaneWritten {
         outcomes,
         inserted: done.inserted,
-        state_updates: done.state_updates,
     };
     Ok((written, checkout.keep()))
 }
@@ -961,7 +837,6 @@ struct LaneDone {
     inserted: u64,
     /// Rows of statements that inserted fewer rows than they carried: some are duplicates.
     unsure: Vec<usize>,
-    state_updates: u64,
 }
 
 /// The write statements of one transaction.
@@ -969,15 +844,12 @@ async fn lane_statements(
     conn: &mut sqlx::AnyConnection,
     dialect: Dialect,
     rows: &[Row],
-    states: &[i16],
     chunks: &[Chunk],
-    updates: Updates<'_>,
+    cursors: &[CursorRow],
 ) -> Result<LaneDone, sqlx::Error> {
-    let Updates { marks, cursors } = updates;
     let mut done = LaneDone {
         inserted: 0,
         unsure: Vec::new(),
-        state_updates: 0,
     };
     for chunk in chunks {
         let statement = sql::insert(dialect, chunk.statement_rows);
@@ -995,7 +867,7 @@ async fn lane_statements(
                 .bind(msg.body.as_str())
                 .bind(msg.client_msg_id.as_deref())
                 .bind(row.created_at_ms)
-                .bind(states[i])
+                .bind(msg.state.to_db())
                 .bind(row.seq);
         }
         // The repeats are never inserted: they carry the id of a row before them.
@@ -1004,44 +876,6 @@ async fn lane_statements(
         if affected < chunk.rows.len() as u64 {
             done.unsure.extend(chunk.rows.clone());
         }
-    }
-    for statement in marks {
-        // MariaDB: (recipient, id) pairs, the last repeated up to the statement's shape.
-        // SQLite: ids grouped by recipient.
-        let pairs: Vec<(&str, i64)> = statement
-            .groups
-            .iter()
-            .flat_map(|(recipient, ids)| ids.iter().map(move |&id| (&**recipient, id)))
-            .collect();
-        let rounded = shape(pairs.len(), MAX_MARK_PARAMS / 2 - 1);
-        let text = match dialect {
-            Dialect::MySql => sql::raise_state_pairs(rounded),
-            Dialect::Sqlite => {
-                let sizes: Vec<usize> = statement.groups.iter().map(|(_, ids)| ids.len()).collect();
-                sql::raise_state_groups(&sizes)
-            }
-        };
-        let mut query = sqlx::query(&text)
-            .bind(statement.state)
-            .bind(statement.state);
-        match dialect {
-            Dialect::MySql => {
-                let last = *pairs.last().expect("a statement has a pair");
-                let repeats = std::iter::repeat_n(last, rounded - pairs.len());
-                for (recipient, id) in pairs.iter().copied().chain(repeats) {
-                    query = query.bind(recipient).bind(id);
-                }
-            }
-            Dialect::Sqlite => {
-                for (recipient, ids) in &statement.groups {
-                    query = query.bind(&**recipient);
-                    for &id in ids {
-                        query = query.bind(id);
-                    }
-                }
-            }
-        }
-        done.state_updates += query.execute(&mut *conn).await?.rows_affected();
     }
     for chunk in cursors.chunks(CURSORS_PER_STATEMENT) {
         let rounded = shape(chunk.len(), CURSORS_PER_STATEMENT);
@@ -1071,7 +905,7 @@ async fn resolve_duplicates(
     rows: &[Row],
     unsure: &[usize],
 ) -> Result<Vec<(usize, Outcome)>, sqlx::Error> {
-    let max_params = dialect.max_bind_params().min(MAX_MARK_PARAMS);
+    let max_params = dialect.max_bind_params().min(MAX_LOOKUP_PARAMS);
     let mut present = HashSet::new();
     for chunk in unsure.chunks(max_params) {
         let text = sql::existing_ids(chunk.len());
@@ -1136,91 +970,10 @@ async fn resolve_duplicates(
     Ok(outcomes)
 }
 
-/// State changes applied in the last [`RECENT_MARKS_WINDOW`]. A recipient may acknowledge a
-/// message before its row reaches the writer (the PUSH goes out before the row is handed over);
-/// such a row is then written with the acknowledged state instead of losing the change.
-#[derive(Default)]
-struct RecentMarks {
-    by_id: HashMap<i64, (DeliveryState, Arc<str>, Instant)>,
-    order: VecDeque<(Instant, i64)>,
-}
-
-impl RecentMarks {
-    fn record(&mut self, marks: &[Mark], now: Instant) {
-        while let Some(&(at, id)) = self.order.front() {
-            if now.duration_since(at) < RECENT_MARKS_WINDOW && self.order.len() < RECENT_MARKS_MAX {
-                break;
-            }
-            self.order.pop_front();
-            if self.by_id.get(&id).is_some_and(|entry| entry.2 == at) {
-                self.by_id.remove(&id);
-            }
-        }
-        for mark in marks {
-            let entry = self
-                .by_id
-                .entry(mark.id)
-                .or_insert_with(|| (mark.state, mark.recipient.clone(), now));
-            // The first recipient to mark an id keeps it: another user's mark of the same id
-            // is bogus and must not displace it.
-            if entry.1 == mark.recipient {
-                entry.0 = entry.0.max(mark.state);
-                entry.2 = now;
-                self.order.push_back((now, mark.id));
-            }
-        }
-    }
-
-    fn get(&self, id: i64, recipient: &str) -> Option<DeliveryState> {
-        self.by_id
-            .get(&id)
-            .filter(|entry| &*entry.1 == recipient)
-            .map(|entry| entry.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mark(id: i64, recipient: &str, state: DeliveryState) -> Mark {
-        Mark {
-            id,
-            recipient: recipient.into(),
-            state,
-        }
-    }
-
-    #[test]
-    fn marks_keep_the_highest_state_and_respect_the_parameter_limit() {
-        use DeliveryState::*;
-        let marks = vec![
-            mark(1, "a", Delivered),
-            mark(1, "a", Acknowledged),
-            mark(2, "a", Delivered),
-            mark(3, "b", Acknowledged),
-        ];
-        let plan = plan_marks(marks, 100);
-        assert_eq!(plan.len(), 2);
-        let delivered = plan.iter().find(|s| s.state == 1).unwrap();
-        assert_eq!(delivered.groups, vec![(Arc::from("a"), vec![2])]);
-        let acked = plan.iter().find(|s| s.state == 2).unwrap();
-        assert_eq!(acked.groups.len(), 2);
-
-        let many: Vec<Mark> = (0..1000).map(|i| mark(i, "u", Delivered)).collect();
-        let plan = plan_marks(many, 100);
-        let mut ids = 0;
-        for statement in &plan {
-            let params: usize = 2 + statement
-                .groups
-                .iter()
-                .map(|g| 1 + g.1.len())
-                .sum::<usize>();
-            assert!(params <= 100, "{params}");
-            ids += statement.groups.iter().map(|g| g.1.len()).sum::<usize>();
-        }
-        assert_eq!(ids, 1000);
-    }
+    use crate::store::DeliveryState;
 
     fn rows(n: usize, body: usize) -> Vec<Row> {
         (0..n)
@@ -1249,6 +1002,7 @@ mod tests {
             lanes,
             batch_max_rows,
             batch_max_delay: Duration::ZERO,
+            cursor_flush: Duration::ZERO,
             retry_initial: Duration::ZERO,
             retry_max: Duration::ZERO,
             limits: Limits {
@@ -1296,12 +1050,9 @@ mod tests {
 
     #[test]
     fn statements_are_rounded_up_to_a_shape_within_the_byte_budget() {
-        let recent = RecentMarks::default();
         let plan = Plan::new(
             &rows(5, 10),
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::MySql,
             &config(1, 1_000, 1 << 20),
         );
@@ -1316,8 +1067,6 @@ mod tests {
         let plan = Plan::new(
             &rows(5, 1_000),
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::MySql,
             &config(1, 1_000, 6_000),
         );
@@ -1326,8 +1075,6 @@ mod tests {
         let plan = Plan::new(
             &rows(999, 1),
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::MySql,
             &config(1, 1_000, 1 << 20),
         );
@@ -1336,13 +1083,10 @@ mod tests {
 
     #[test]
     fn large_batches_split_into_lanes_and_statements() {
-        let recent = RecentMarks::default();
         let batch = rows(1_000, 10);
         let plan = Plan::new(
             &batch,
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
@@ -1353,8 +1097,6 @@ mod tests {
         let plan = Plan::new(
             &small,
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::MySql,
             &config(2, 1_000, 1 << 20),
         );
@@ -1365,8 +1107,6 @@ mod tests {
         let plan = Plan::new(
             &big,
             Vec::new(),
-            Vec::new(),
-            &recent,
             Dialect::Sqlite,
             &config(1, 10_000, 1 << 30),
         );
@@ -1377,14 +1117,7 @@ mod tests {
 
         // The byte budget: bodies of 1000 bytes (+ 67 of the rest) in 4000-byte statements.
         let wide = rows(10, 1_000);
-        let plan = Plan::new(
-            &wide,
-            Vec::new(),
-            Vec::new(),
-            &recent,
-            Dialect::MySql,
-            &config(2, 1_000, 4_000),
-        );
+        let plan = Plan::new(&wide, Vec::new(), Dialect::MySql, &config(2, 1_000, 4_000));
         assert!(
             plan.lanes[0].iter().all(|c| c.statement_rows <= 3),
             "{:?}",
@@ -1392,28 +1125,8 @@ mod tests {
         );
         assert_eq!(covered(&plan), (0..10).collect::<Vec<_>>());
 
-        // State changes only.
-        let plan = Plan::new(
-            &[],
-            vec![mark(1, "a", DeliveryState::Delivered)],
-            Vec::new(),
-            &recent,
-            Dialect::MySql,
-            &config(2, 1_000, 1 << 20),
-        );
+        // Cursor updates only.
+        let plan = Plan::new(&[], Vec::new(), Dialect::MySql, &config(2, 1_000, 1 << 20));
         assert_eq!(ranges(&plan), vec![Vec::<Range<usize>>::new()]);
-        assert_eq!(plan.marks.len(), 1);
-    }
-
-    #[test]
-    fn recent_marks_expire_and_belong_to_their_recipient() {
-        let mut recent = RecentMarks::default();
-        let t0 = Instant::now();
-        recent.record(&[mark(7, "bob", DeliveryState::Acknowledged)], t0);
-        recent.record(&[mark(7, "eve", DeliveryState::Delivered)], t0);
-        assert_eq!(recent.get(7, "bob"), Some(DeliveryState::Acknowledged));
-        assert_eq!(recent.get(7, "eve"), None);
-        recent.record(&[], t0 + RECENT_MARKS_WINDOW + Duration::from_secs(1));
-        assert_eq!(recent.get(7, "bob"), None);
     }
 }
