@@ -62,11 +62,19 @@ if [[ $scenario != chat ]]; then
         | tee "$out/$scenario-$nodes-$mode.md"
     exit "${PIPESTATUS[0]}"
 fi
+# CPU ticks of the MariaDB server, to report its share per message.
+mariadb_ticks() {
+    local pid
+    pid=$(pgrep -x mariadbd || pgrep -x mysqld || true)
+    if [[ -n $pid ]]; then awk '{print $14 + $15}' "/proc/${pid%%$'\n'*}/stat"; else echo 0; fi
+}
+db_before=$(mariadb_ticks)
 before=$(redis-cli info commandstats; redis-cli info cpu)
 target/release/imgate-loadtest chat --targets "$target_list" --secret $secret -n "$users" \
     --rate "$rate" --duration "$duration" --payload 100 --cross-node-share "${SHARE:-1.0}" \
-    --gateway-pid "$pid_list" --out "$out/chat-$nodes-$mode-$rate.json" | tee "$out/chat-$nodes-$mode-$rate.md"
+    --gateway-pid "$pid_list" --out "$out/chat-$nodes-$mode-$rate.json" ${CHAT_ARGS:-} | tee "$out/chat-$nodes-$mode-$rate.md"
 after=$(redis-cli info commandstats; redis-cli info cpu)
+db_after=$(mariadb_ticks)
 
 python3 - "$out/chat-$nodes-$mode-$rate.json" <<PY
 import json, re, sys
@@ -95,4 +103,7 @@ top = sorted(((v, k) for k, v in delta.items() if v > 0), reverse=True)[:6]
 print(f"Redis: {sum(delta.values())/sent:.2f} commands/message, "
       f"{(a_cpu-b_cpu)/sent*1e6:.1f} µs Redis CPU/message; top: " +
       ", ".join(f"{k}={v/sent:.2f}" for v, k in top))
+ticks = $db_after - $db_before
+hz = 100
+print(f"MariaDB: {ticks / hz / sent * 1e6:.1f} µs of server CPU/message ({ticks / hz:.2f} s)")
 PY
