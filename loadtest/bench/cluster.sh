@@ -46,7 +46,7 @@ for i in $(seq 1 "$nodes"); do
     IMGATE_CLUSTER__REDIS_URL=redis://127.0.0.1:6379 IMGATE_CLUSTER__KEY_PREFIX=$prefix \
     IMGATE_CLUSTER__ROUTING=$mode IMGATE_STORE__URL="mysql://root@127.0.0.1:3306/$db" \
     IMGATE_LOG__LEVEL=warn,fred=error \
-        target/release/imgate --node-id "n$i" --client-listen "127.0.0.1:$cport" \
+        "${GATEWAY_BIN:-target/release/imgate}" --node-id "n$i" --client-listen "127.0.0.1:$cport" \
         --admin-listen "127.0.0.1:$aport" >"$out/node-$i.log" 2>&1 &
     pids+=($!); targets+=("tcp://127.0.0.1:$cport"); admins+=("http://127.0.0.1:$aport")
 done

@@ -5,6 +5,9 @@
 //! buffer once no partial frame is left in it.
 //! Writing gathers a batch of frames, writes it and releases the buffer.
 
+use std::pin::Pin;
+use std::task::Poll;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use imgate_shared::codec::LENGTH_PREFIX_LEN;
 use tokio::io::AsyncWriteExt;
@@ -63,12 +66,24 @@ impl TcpReader {
                 return Some(Err(ReadError::Io(e)));
             }
             self.pending.reserve(READ_CHUNK);
-            match self.io.try_read_buf(&mut self.pending) {
-                Ok(0) if self.pending.is_empty() => return None,
-                Ok(0) => return Some(Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Some(Err(ReadError::Io(e))),
+            // One `poll_read` rather than `try_read_buf`: when it reads less than it asked for,
+            // tokio takes the socket for drained and waits for the next readiness event, instead
+            // of reporting it readable again and paying a recv that fails with WouldBlock after
+            // every frame. Pending (the readiness was stale) just waits again.
+            let read = std::future::poll_fn(|cx| {
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.pending) {
+                    Poll::Pending => Poll::Ready(None),
+                    Poll::Ready(result) => Poll::Ready(Some(result)),
+                }
+            })
+            .await;
+            match read {
+                Some(Ok(0)) if self.pending.is_empty() => return None,
+                Some(Ok(0)) => {
+                    return Some(Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())))
+                }
+                Some(Ok(_)) | None => {}
+                Some(Err(e)) => return Some(Err(ReadError::Io(e))),
             }
         }
     }
