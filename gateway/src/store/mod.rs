@@ -748,14 +748,21 @@ impl Store {
     }
 
     /// Where a device starts: the position `device` of `user` has acknowledged (0 when it
-    /// never acknowledged any) and the highest committed position of the user's stream (0 when
+    /// never acknowledged any; acknowledgements made on this node count before they are
+    /// written) and the highest committed position of the user's stream (0 when
     /// none). Lookups of concurrent logins share statements.
     pub async fn device_start(
         &self,
         user: &Arc<str>,
         device: &Arc<str>,
     ) -> Result<(u64, u64), StoreError> {
-        self.inner.starts.get(user, device).await
+        // Read before the database: an acknowledgement this node has not written yet counts.
+        let unwritten = self
+            .inner
+            .shared
+            .unwritten_cursor(&(user.clone(), device.clone()));
+        let (cursor, head) = self.inner.starts.get(user, device).await?;
+        Ok((cursor.max(unwritten.unwrap_or(0)), head))
     }
 
     /// Raises the cursor of `device` of `user` to `seq` in the writer's next batch (never

@@ -62,10 +62,18 @@ pub(crate) type CursorKey = (Arc<str>, Arc<str>);
 /// Cursor rows per upsert statement (4 parameters each).
 const CURSORS_PER_STATEMENT: usize = 1_000;
 
+/// Device cursors not in the database yet, coalesced per device (the highest position wins).
+#[derive(Default)]
+struct Cursors {
+    /// Waiting for the writer.
+    queued: HashMap<CursorKey, u64>,
+    /// Taken by the writer and not known to be committed yet.
+    flushing: HashMap<CursorKey, u64>,
+}
+
 /// What the store and its writer share.
 pub(crate) struct Shared {
-    /// Device cursors to raise, coalesced per device (the highest position wins).
-    cursors: Mutex<HashMap<CursorKey, u64>>,
+    cursors: Mutex<Cursors>,
     wake: Notify,
     /// Set when the store starts closing; `reserve` refuses from then on.
     pub closing: AtomicBool,
@@ -79,7 +87,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn new() -> Shared {
         Shared {
-            cursors: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(Cursors::default()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             close: watch::Sender::new(None),
@@ -87,9 +95,19 @@ impl Shared {
         }
     }
 
-    fn lock_cursors(&self) -> MutexGuard<'_, HashMap<CursorKey, u64>> {
-        // A panic while holding the lock cannot leave the map inconsistent.
+    fn lock_cursors(&self) -> MutexGuard<'_, Cursors> {
+        // A panic while holding the lock cannot leave the maps inconsistent.
         self.cursors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The highest position queued for `key` and not known to be in the database yet. A
+    /// lookup that reads this before it reads the database misses no acknowledgement made
+    /// before it: a cursor leaves these maps only once it is committed.
+    pub fn unwritten_cursor(&self, key: &CursorKey) -> Option<u64> {
+        let cursors = self.lock_cursors();
+        let queued = cursors.queued.get(key).copied();
+        let flushing = cursors.flushing.get(key).copied();
+        queued.max(flushing)
     }
 
     /// Queues a cursor update; `false` when too many devices are queued already. The writer
@@ -97,11 +115,12 @@ impl Shared {
     /// due (`cursor_flush`).
     pub fn push_cursor(&self, key: CursorKey, seq: u64) -> bool {
         let mut cursors = self.lock_cursors();
-        if cursors.len() >= MAX_QUEUED_CURSORS && !cursors.contains_key(&key) {
+        let queued = &mut cursors.queued;
+        if queued.len() >= MAX_QUEUED_CURSORS && !queued.contains_key(&key) {
             return false;
         }
-        let first = cursors.is_empty();
-        let entry = cursors.entry(key).or_insert(0);
+        let first = queued.is_empty();
+        let entry = queued.entry(key).or_insert(0);
         *entry = (*entry).max(seq);
         drop(cursors);
         if first {
@@ -111,10 +130,18 @@ impl Shared {
     }
 
     /// The queued cursor updates, in key order: every transaction locks the rows it upserts in
-    /// the same order, so that two writers (of two nodes) cannot deadlock on them.
+    /// the same order, so that two writers (of two nodes) cannot deadlock on them. They stay
+    /// visible to [`unwritten_cursor`](Self::unwritten_cursor) until [`flushed`](Self::flushed).
     fn take_cursors(&self) -> Vec<CursorRow> {
         let now = crate::auth::unix_millis() as i64;
-        let mut rows: Vec<CursorRow> = std::mem::take(&mut *self.lock_cursors())
+        let mut cursors = self.lock_cursors();
+        let queued = std::mem::take(&mut cursors.queued);
+        for (key, &seq) in &queued {
+            let entry = cursors.flushing.entry(key.clone()).or_insert(0);
+            *entry = (*entry).max(seq);
+        }
+        drop(cursors);
+        let mut rows: Vec<CursorRow> = queued
             .into_iter()
             .map(|((user, device), seq)| CursorRow {
                 user,
@@ -127,11 +154,17 @@ impl Shared {
         rows
     }
 
+    /// The cursors taken by the writer are committed, or put back in the queue.
+    fn flushed(&self) {
+        self.lock_cursors().flushing.clear();
+    }
+
     /// Puts back cursor updates of a batch that could not be written.
     fn restore_cursors(&self, rows: &[CursorRow]) {
         let mut cursors = self.lock_cursors();
         for r in rows {
             let entry = cursors
+                .queued
                 .entry((r.user.clone(), r.device.clone()))
                 .or_insert(0);
             *entry = (*entry).max(r.seq as u64);
@@ -139,7 +172,7 @@ impl Shared {
     }
 
     fn has_cursors(&self) -> bool {
-        !self.lock_cursors().is_empty()
+        !self.lock_cursors().queued.is_empty()
     }
 }
 
@@ -249,6 +282,7 @@ impl Writer {
             };
             if !rows.is_empty() || !cursors.is_empty() {
                 conns = self.flush(&pool, conns, &mut rows, cursors).await;
+                self.shared.flushed();
                 if !own {
                     conns.clear();
                 }
@@ -261,6 +295,7 @@ impl Writer {
         let cursors = self.take_cursors();
         if !cursors.is_empty() {
             conns = self.flush(&pool, conns, &mut rows, cursors).await;
+            self.shared.flushed();
         }
         drop(conns);
         if own
