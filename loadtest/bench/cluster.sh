@@ -76,7 +76,7 @@ target/release/imgate-loadtest chat --targets "$target_list" --secret $secret -n
 after=$(redis-cli info commandstats; redis-cli info cpu)
 db_after=$(mariadb_ticks)
 
-python3 - "$out/chat-$nodes-$mode-$rate.json" <<PY
+python3 - "$out/chat-$nodes-$mode-$rate.json" <<PY | tee "$out/services-$nodes-$mode-$rate.txt"
 import json, re, sys
 def parse(text):
     calls, cpu = {}, 0.0

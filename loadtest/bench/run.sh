@@ -9,7 +9,8 @@
 # Environment (not IMGATE_*: the gateway reads those): GATEWAY_BIN, LOADTEST_BIN (default target/release/...; honours CARGO_TARGET_DIR), RUNS,
 # OUT, CLIENT_PORT (17400), ADMIN_PORT (17401), CONNECTIONS (15000), CHAT_USERS (2000),
 # CHAT_RATES ("10000 20000 30000"), SIO_CHAT_RATES ("5000 10000"), CHAT_SECS (10), BCAST_CLIENTS (15000), BCAST_COUNT (40).
-# QUIET_LOAD=1.5 waits for the machine's load average to drop below 1.5 before each run.
+# Before each run it waits until MariaDB and Redis are idle; QUIET_LOAD=1.5 also waits for the
+# machine's load average to drop below 1.5.
 # Needs jq and curl; the socketio part needs node/npm and Redis at 127.0.0.1:6379.
 set -euo pipefail
 
@@ -80,6 +81,7 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 # machine's 1-minute load average drops below it before each run: on a shared machine other
 # tenants' builds otherwise dominate the latencies.
 wait_quiet() {
+    services_idle
     [ -n "${QUIET_LOAD:-}" ] || return 0
     local waited=0
     while awk -v l="$(load)" -v q="$QUIET_LOAD" 'BEGIN { exit !(l >= q) }'; do
@@ -87,6 +89,26 @@ wait_quiet() {
         sleep 5
         waited=$((waited + 5))
     done
+}
+
+# CPU ticks (1/100 s) used by MariaDB and Redis so far.
+service_ticks() {
+    local pid total=0
+    for pid in $(pgrep -x mariadbd) $(pgrep -x mysqld) $(pgrep -x redis-server); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+
+# Waits (at most 120 s) until MariaDB and Redis use less than a tenth of a core: after a heavy run
+# MariaDB goes on flushing and purging for a while, and would take CPU from the next run.
+services_idle() {
+    local i a b
+    for i in $(seq 60); do
+        a=$(service_ticks); sleep 2; b=$(service_ticks)
+        [ $((b - a)) -lt 20 ] && return 0
+    done
+    echo "(MariaDB and Redis still busy after 120 s; running anyway)"
 }
 
 connect() {
