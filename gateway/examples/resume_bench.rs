@@ -304,6 +304,7 @@ async fn main() -> Result<()> {
                     body: Body::from_value(
                         &serde_json::json!({"text": "a typical short chat line", "i": i}),
                     )?,
+                    retry: false,
                 })
                 .await?;
                 loop {

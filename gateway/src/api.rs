@@ -279,6 +279,10 @@ struct SendRequest {
     #[serde(default)]
     client_msg_id: Option<String>,
     body: Body,
+    /// A repetition of a request whose answer never came: recipients that already have a stored
+    /// message with this `client_msg_id` are answered from the store and not pushed again.
+    #[serde(default)]
+    retry: bool,
 }
 
 #[derive(Serialize)]
@@ -358,6 +362,11 @@ async fn send_message(
             )));
         }
     }
+    if req.retry && req.client_msg_id.is_none() {
+        return Err(ApiError::bad_request(
+            "retry needs the client_msg_id of the request it repeats",
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     let to: Vec<String> = to.into_iter().filter(|u| seen.insert(u.clone())).collect();
     // Each message runs to completion in the node's tasks even if the HTTP client goes away.
@@ -373,9 +382,18 @@ async fn send_message(
                 req.client_msg_id.clone(),
             );
             let node = node.clone();
+            let retry = req.retry;
             async move {
                 let user_id = msg.to.clone();
-                (user_id, node.router.submit(msg).await)
+                let repeat = match retry {
+                    true => node.router.repeat_of(&msg).await,
+                    false => None,
+                };
+                let delivery = match repeat {
+                    Some(answer) => answer,
+                    None => node.router.submit(msg).await,
+                };
+                (user_id, delivery)
             }
         })
         .collect();

@@ -657,9 +657,10 @@ impl Connection {
                 channel,
                 client_msg_id,
                 body,
+                retry,
             } => {
                 // Boxed: a send's state exists only while a send is being taken.
-                Box::pin(self.on_send(handle, to, channel, client_msg_id, body)).await;
+                Box::pin(self.on_send(handle, to, channel, client_msg_id, body, retry)).await;
                 return None;
             }
             ClientFrame::Ack {
@@ -702,6 +703,7 @@ impl Connection {
         channel: Option<String>,
         client_msg_id: String,
         body: imgate_shared::protocol::Body,
+        retry: bool,
     ) {
         let node = self.node.clone();
         let router = &node.router;
@@ -715,7 +717,15 @@ impl Connection {
             Ok(()) => {
                 let from = Some(handle.user.clone());
                 let msg = router.accept(from, to, channel, body, Some(client_msg_id.clone()));
-                router.begin(msg).await
+                // A retry is looked up first, in the order of this connection's sends.
+                match if retry {
+                    router.repeat_of(&msg).await
+                } else {
+                    None
+                } {
+                    Some(repeat) => Err(repeat),
+                    None => router.begin(msg).await,
+                }
             }
         };
         let receipt = |delivery: crate::router::Delivery| ServerFrame::SendResult {
@@ -726,8 +736,9 @@ impl Connection {
             reason: delivery.reason,
         };
         let task = match begun {
-            Err(refused) => {
-                let frame = receipt(refused);
+            // Refused, or a retry answered from the store.
+            Err(answer) => {
+                let frame = receipt(answer);
                 node.tasks.spawn(async move { frame })
             }
             Ok(submission) => {

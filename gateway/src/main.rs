@@ -272,6 +272,7 @@ async fn chat(
                         channel: None,
                         client_msg_id: format!("chat-{counter}"),
                         body,
+                        retry: false,
                     }).await?;
                 }
                 None => {

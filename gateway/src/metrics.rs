@@ -145,6 +145,7 @@ pub struct HotMetrics {
     pub delivered: Counter,
     pub stored: Counter,
     pub refused: Counter,
+    pub repeated: Counter,
     pub broadcast_deliveries: Counter,
 }
 
@@ -156,6 +157,7 @@ impl HotMetrics {
             delivered: metrics::counter!(MESSAGES, "outcome" => "delivered"),
             stored: metrics::counter!(MESSAGES, "outcome" => "stored"),
             refused: metrics::counter!(MESSAGES, "outcome" => "refused"),
+            repeated: metrics::counter!(MESSAGES, "outcome" => "repeated"),
             broadcast_deliveries: metrics::counter!(BROADCAST_DELIVERIES),
         }
     }

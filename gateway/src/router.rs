@@ -80,6 +80,9 @@ pub struct Router {
 /// Longest wait for the database when a stream counter must start from it (a user's first
 /// message since the counter was created or expired); then the message is refused.
 const FLOOR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest wait for the database when a retried send looks for its stored original; then it is
+/// taken as a new message (and still stored only once).
+const REPEAT_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Checks a user id, device id or client message id: 1 to [`MAX_ID_LEN`] bytes.
 pub fn valid_id(s: &str) -> bool {
@@ -173,6 +176,49 @@ impl Router {
             ts_ms: unix_millis(),
             accepted: Instant::now(),
         }
+    }
+
+    /// For a retried send (one whose receipt never came): the stored message with the same
+    /// sender, recipient and client message id, answered as a receipt without pushing it again.
+    /// Its status is the original's: `delivered` if it reached a live connection (or a device has
+    /// acknowledged it since), `stored` otherwise; `connections` is 0 (this attempt reached
+    /// none). `None` when no such message is committed: then the retry is sent as a new message.
+    /// (An original still in a writer's queue is not found: the retry is then pushed too, and
+    /// stored once.)
+    pub async fn repeat_of(&self, msg: &Message) -> Option<Delivery> {
+        let client_msg_id = msg.client_msg_id.as_deref()?;
+        let sender = msg.from.as_deref().unwrap_or("");
+        let lookup = async {
+            let Some(id) = self
+                .store
+                .find_by_client_id(sender, &msg.to, client_msg_id)
+                .await?
+            else {
+                return Ok(None);
+            };
+            self.store.message(id).await
+        };
+        let stored = match tokio::time::timeout(REPEAT_LOOKUP_TIMEOUT, lookup).await {
+            Ok(Ok(stored)) => stored?,
+            failed => {
+                tracing::warn!(
+                    ?failed,
+                    "cannot look up a retried message; taking it as new"
+                );
+                return None;
+            }
+        };
+        self.metrics.repeated.increment(1);
+        let status = match stored.state {
+            DeliveryState::Pending => SendStatus::Stored,
+            DeliveryState::Delivered | DeliveryState::Acknowledged => SendStatus::Delivered,
+        };
+        Some(Delivery {
+            id: Some(stored.id),
+            status,
+            connections: 0,
+            reason: None,
+        })
     }
 
     /// Delivers an accepted message to its recipient wherever it is connected, stores it, and

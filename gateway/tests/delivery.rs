@@ -71,6 +71,7 @@ async fn push_id_matches_the_receipt_and_body_passes_through_untouched() {
             channel: None,
             client_msg_id: "m1".into(),
             body: Body::from_json(body).unwrap(),
+            retry: false,
         })
         .await;
     let receipt_id = match alice.recv().await {
@@ -124,6 +125,7 @@ async fn a_user_on_two_channel_types_receives_on_both() {
             channel: Some("web".into()),
             client_msg_id: "w".into(),
             body: Body::from_value(&json!("web only")).unwrap(),
+            retry: false,
         })
         .await;
     assert_eq!(
@@ -161,6 +163,7 @@ async fn an_offline_recipient_is_reported_offline_and_bad_addressing_refused() {
             channel: Some("toaster".into()),
             client_msg_id: "x".into(),
             body: Body::from_value(&1).unwrap(),
+            retry: false,
         })
         .await;
     match alice.recv().await {
@@ -180,6 +183,7 @@ async fn an_offline_recipient_is_reported_offline_and_bad_addressing_refused() {
             channel: None,
             client_msg_id: "y".into(),
             body: Body::from_value(&1).unwrap(),
+            retry: false,
         })
         .await;
     assert!(matches!(

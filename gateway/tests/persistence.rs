@@ -47,6 +47,7 @@ async fn messages_from_every_entry_point_are_stored_with_their_fields() {
             channel: Some("web".into()),
             client_msg_id: "a-1".into(),
             body: Body::from_json(body).unwrap(),
+            retry: false,
         })
         .await;
     let (id1, status) = receipt(&alice.recv().await.unwrap());
@@ -155,6 +156,7 @@ async fn the_receipt_waits_for_the_commit() {
             channel: None,
             client_msg_id: "m".into(),
             body: Body::from_value(&"x").unwrap(),
+            retry: false,
         })
         .await;
     // Delivery does not wait for the database...
@@ -194,6 +196,7 @@ async fn a_repeated_client_message_id_is_stored_once_across_reconnects() {
         channel: None,
         client_msg_id: "retry-me".into(),
         body: Body::from_value(&"once").unwrap(),
+        retry: false,
     };
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     alice.send(frame()).await;
@@ -219,6 +222,99 @@ async fn a_repeated_client_message_id_is_stored_once_across_reconnects() {
     assert_eq!(
         common::metric_value(&metrics, "imgate_store_duplicates_total", &[]),
         2.0
+    );
+    node.stop().await;
+    db.drop_database().await;
+}
+
+/// A send marked `retry` whose original is stored gets the original's id and outcome, and its
+/// recipient is not pushed the message a second time; a retry with nothing stored is a new
+/// message. The same through the admin API.
+#[tokio::test]
+async fn a_retry_is_answered_from_the_store_and_not_pushed_again() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let send = |to: &str, client_msg_id: &str, text: &str, retry: bool| ClientFrame::Send {
+        to: to.into(),
+        channel: None,
+        client_msg_id: client_msg_id.into(),
+        body: Body::from_value(&json!({ "text": text })).unwrap(),
+        retry,
+    };
+    let result = |frame: Option<ServerFrame>| match frame {
+        Some(ServerFrame::SendResult {
+            id,
+            status,
+            connections,
+            ..
+        }) => (id.unwrap().to_string(), status, connections),
+        other => panic!("expected send_result, got {other:?}"),
+    };
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+
+    // Delivered, then the receipt is "lost" and alice retries.
+    alice.send(send("bob", "m-1", "first", false)).await;
+    let (first, status, _) = result(alice.recv_skip_acks().await);
+    assert_eq!(status, SendStatus::Delivered);
+    assert_eq!(bob.recv_push().await.2["text"], "first");
+    alice.send(send("bob", "m-1", "first", true)).await;
+    assert_eq!(
+        result(alice.recv_skip_acks().await),
+        (first.clone(), SendStatus::Delivered, 0),
+        "the original's id and outcome; no connection reached this time"
+    );
+    // A retry of something never stored is a new message.
+    alice.send(send("bob", "m-2", "second", true)).await;
+    let (second, status, connections) = result(alice.recv_skip_acks().await);
+    assert_ne!(second, first);
+    assert_eq!((status, connections), (SendStatus::Delivered, 1));
+    // bob's next push is "second": "first" was not pushed again.
+    assert_eq!(bob.recv_push().await.2["text"], "second");
+
+    // An offline recipient: the retry reports the original's "stored".
+    alice.send(send("carol", "m-3", "for carol", false)).await;
+    let (third, status, _) = result(alice.recv_skip_acks().await);
+    assert_eq!(status, SendStatus::Stored);
+    alice.send(send("carol", "m-3", "for carol", true)).await;
+    assert_eq!(
+        result(alice.recv_skip_acks().await),
+        (third, SendStatus::Stored, 0)
+    );
+
+    // The admin API: a retry without client_msg_id is refused; with it, answered from the store.
+    let post = |body: serde_json::Value| {
+        let node = &node;
+        async move {
+            node.admin_json(Method::POST, "/api/v1/messages", Some(body))
+                .await
+        }
+    };
+    let (code, _) = post(json!({"to": "bob", "body": 1, "retry": true})).await;
+    assert_eq!(code, 400);
+    let ops = json!({"to": "bob", "body": {"text": "ops"}, "client_msg_id": "ops-1"});
+    let (_, a) = post(ops.clone()).await;
+    assert_eq!(bob.recv_push().await.2["text"], "ops");
+    let mut again = ops;
+    again["retry"] = json!(true);
+    let (code, b) = post(again).await;
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(a["results"][0]["id"], b["results"][0]["id"]);
+    assert_eq!(b["results"][0]["status"], "delivered");
+    assert_eq!(b["results"][0]["connections"], 0);
+    alice.send(send("bob", "m-4", "last", false)).await;
+    result(alice.recv_skip_acks().await);
+    assert_eq!(
+        bob.recv_push().await.2["text"],
+        "last",
+        "no second ops push"
+    );
+
+    assert_eq!(db.count().await, 5);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_messages_total", &["outcome=\"repeated\""]),
+        3.0
     );
     node.stop().await;
     db.drop_database().await;
@@ -316,6 +412,7 @@ async fn graceful_shutdown_writes_everything_queued() {
                 channel: None,
                 client_msg_id: format!("q{i}"),
                 body: Body::from_value(&i).unwrap(),
+                retry: false,
             })
             .await;
     }
@@ -361,6 +458,7 @@ async fn a_stalled_database_delays_or_refuses_but_loses_nothing() {
                 channel: None,
                 client_msg_id: format!("s{i}"),
                 body: Body::from_value(&i).unwrap(),
+                retry: false,
             })
             .await;
     }

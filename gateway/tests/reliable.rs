@@ -20,6 +20,7 @@ async fn send_numbered(sender: &mut Client, to: &str, first: u64, n: u64) {
                 channel: None,
                 client_msg_id: format!("m{i}"),
                 body: Body::from_value(&json!({ "n": i })).unwrap(),
+                retry: false,
             })
             .await;
         loop {
@@ -426,6 +427,7 @@ async fn a_message_for_another_channel_type_is_skipped_without_waiting_for_it() 
             channel: Some("web".into()),
             client_msg_id: "web-only".into(),
             body: Body::from_value(&json!({"n": 0})).unwrap(),
+            retry: false,
         })
         .await;
     assert!(matches!(

@@ -54,6 +54,7 @@ async fn send_json(
             channel: None,
             client_msg_id: client_msg_id.clone(),
             body: Body::from_value(&body).unwrap(),
+            retry: false,
         })
         .await;
     loop {

@@ -868,7 +868,10 @@ async fn cursor_updates_wait_for_their_interval_and_close_writes_them(backend: B
     assert_eq!(raw.cursor("bob", "phone").await, None);
     // A login on this node starts after it all the same; other devices are not affected.
     assert_eq!(store.device_start(&bob, &phone).await.unwrap().0, 50);
-    assert_eq!(store.device_start(&bob, &"laptop".into()).await.unwrap().0, 0);
+    assert_eq!(
+        store.device_start(&bob, &"laptop".into()).await.unwrap().0,
+        0
+    );
     // Closing writes what is queued: the highest position, once.
     assert_eq!(within("close", store.close_within(WAIT)).await, 0);
     assert_eq!(raw.cursor("bob", "phone").await, Some(50));

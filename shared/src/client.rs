@@ -594,6 +594,7 @@ fn queue_send(
         channel,
         client_msg_id: client_msg_id.clone(),
         body,
+        retry: false,
     };
     state
         .pending
@@ -770,8 +771,19 @@ async fn session(
         Ok(Err(e)) => return SessionEnd::Retry(e.to_string()),
         Err(_) => return SessionEnd::Retry("no login reply".into()),
     };
-    // Sends still waiting for a receipt from an earlier connection go out again, same ids.
-    let resend: Vec<ClientFrame> = state.pending.values().map(|p| p.frame.clone()).collect();
+    // Sends still waiting for a receipt from an earlier connection go out again, same ids,
+    // marked as retries: one that was stored is answered from the store and not pushed again.
+    let resend: Vec<ClientFrame> = state
+        .pending
+        .values()
+        .map(|p| {
+            let mut frame = p.frame.clone();
+            if let ClientFrame::Send { retry, .. } = &mut frame {
+                *retry = true;
+            }
+            frame
+        })
+        .collect();
     for frame in resend {
         if let Err(e) = conn.send(&frame).await {
             return SessionEnd::Retry(e.to_string());
@@ -1553,6 +1565,62 @@ mod tests {
         assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
         peer.send(login_result("s2", false, 0)).await;
         expect_connected(&mut events, "s2", false, 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_send_without_receipt_is_sent_again_as_a_retry_after_reconnecting() {
+        let (server, endpoint) = FakeServer::start().await;
+        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        let sending = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .send("bob", Body::from_json("1".to_owned()).unwrap())
+                    .await
+            }
+        });
+        let first_id = match peer.recv().await {
+            ClientFrame::Send {
+                client_msg_id,
+                retry,
+                ..
+            } => {
+                assert!(!retry, "a first attempt is not a retry");
+                client_msg_id
+            }
+            other => panic!("expected a send, got {other:?}"),
+        };
+        // The connection drops before the receipt.
+        drop(peer);
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Resume { .. }));
+        peer.send(login_result("s2", true, 0)).await;
+        match peer.recv().await {
+            ClientFrame::Send {
+                client_msg_id,
+                retry,
+                ..
+            } => assert_eq!((client_msg_id.as_str(), retry), (first_id.as_str(), true)),
+            other => panic!("expected the send again, got {other:?}"),
+        }
+        peer.send(ServerFrame::SendResult {
+            client_msg_id: first_id,
+            id: Some(MessageId(7)),
+            status: SendStatus::Delivered,
+            connections: 0,
+            reason: None,
+        })
+        .await;
+        let receipt = tokio::time::timeout(WAIT, sending)
+            .await
+            .expect("a receipt in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(receipt.id, Some(MessageId(7)));
     }
 
     #[tokio::test]

@@ -157,6 +157,11 @@ pub enum ClientFrame {
         client_msg_id: String,
         /// Any JSON value; the gateway passes it through untouched.
         body: Body,
+        /// This is a repetition of a send whose receipt never came: if a message with this
+        /// `client_msg_id` (to the same recipient) is stored, it is answered from the store and
+        /// not pushed again.
+        #[serde(default, skip_serializing_if = "is_false")]
+        retry: bool,
     },
     /// Acknowledges pushed messages: with `seq`, every message of the stream up to and including
     /// that position (cumulative); with `id` only, that one message.
@@ -563,6 +568,10 @@ fn frame_type(json: &[u8]) -> Result<std::borrow::Cow<'_, str>, serde_json::Erro
     Ok(serde_json::from_slice::<Tag>(json)?.kind)
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 impl ClientFrame {
     /// Parses a frame's JSON payload. A `send` body is kept byte for byte as the client wrote it.
     pub fn decode(json: &[u8]) -> Result<ClientFrame, serde_json::Error> {
@@ -579,6 +588,8 @@ impl ClientFrame {
             channel: Option<String>,
             client_msg_id: String,
             body: Box<RawValue>,
+            #[serde(default)]
+            retry: bool,
         }
         let f: Send = serde_json::from_slice(json)?;
         Ok(ClientFrame::Send {
@@ -586,6 +597,7 @@ impl ClientFrame {
             channel: f.channel,
             client_msg_id: f.client_msg_id,
             body: Body(f.body),
+            retry: f.retry,
         })
     }
 
@@ -708,6 +720,29 @@ mod tests {
         )
         .is_err());
         assert!(ClientFrame::decode(br#"{"type":"send","to":"b","body":1}"#).is_err());
+        // `retry` is optional, false when absent, and written only when true.
+        let retry = |json: &[u8]| match ClientFrame::decode(json).unwrap() {
+            ClientFrame::Send { retry, .. } => retry,
+            other => panic!("{other:?}"),
+        };
+        assert!(!retry(
+            br#"{"type":"send","to":"b","client_msg_id":"c","body":1}"#
+        ));
+        assert!(retry(
+            br#"{"type":"send","to":"b","client_msg_id":"c","body":1,"retry":true}"#
+        ));
+        let mut frame =
+            ClientFrame::decode(br#"{"type":"send","to":"b","client_msg_id":"c","body":1}"#)
+                .unwrap();
+        assert!(!String::from_utf8(frame.encode().to_vec())
+            .unwrap()
+            .contains("retry"));
+        if let ClientFrame::Send { retry, .. } = &mut frame {
+            *retry = true;
+        }
+        assert!(String::from_utf8(frame.encode().to_vec())
+            .unwrap()
+            .contains(r#""retry":true"#));
         assert!(matches!(
             ClientFrame::decode(br#"{"type":"heartbeat"}"#).unwrap(),
             ClientFrame::Heartbeat {}

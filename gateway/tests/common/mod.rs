@@ -281,6 +281,7 @@ impl Client {
             channel: None,
             client_msg_id: client_msg_id.clone(),
             body: Body::from_value(&serde_json::json!({ "text": text })).unwrap(),
+            retry: false,
         })
         .await;
         loop {
