@@ -1281,6 +1281,17 @@ mod tests {
         config
     }
 
+    /// A client logged in to a fake server as session "s1" (10 ms reconnect backoff).
+    async fn logged_in() -> (FakeServer, Client, mpsc::Receiver<Event>, Peer) {
+        let (server, endpoint) = FakeServer::start().await;
+        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
+        let mut peer = server.accept().await;
+        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
+        peer.send(login_result("s1", false, 0)).await;
+        expect_connected(&mut events, "s1", false, 0).await;
+        (server, client, events, peer)
+    }
+
     #[tokio::test]
     async fn resumes_replays_in_order_and_falls_back_to_login() {
         let (server, endpoint) = FakeServer::start().await;
@@ -1510,12 +1521,7 @@ mod tests {
 
     #[tokio::test]
     async fn admin_kick_revokes_the_session_so_the_next_connection_logs_in() {
-        let (server, endpoint) = FakeServer::start().await;
-        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
-        let mut peer = server.accept().await;
-        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
-        peer.send(login_result("s1", false, 0)).await;
-        expect_connected(&mut events, "s1", false, 0).await;
+        let (server, client, mut events, mut peer) = logged_in().await;
         peer.push(101, Some(1)).await;
         expect_message(&mut events, 101, Some(1)).await;
         assert_eq!(peer.ack().await, 1);
@@ -1534,12 +1540,7 @@ mod tests {
 
     #[tokio::test]
     async fn another_devices_session_falls_back_to_login_and_server_errors_retry() {
-        let (server, endpoint) = FakeServer::start().await;
-        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
-        let mut peer = server.accept().await;
-        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
-        peer.send(login_result("s1", false, 0)).await;
-        expect_connected(&mut events, "s1", false, 0).await;
+        let (server, client, mut events, peer) = logged_in().await;
         drop(peer);
         assert!(matches!(
             next_event(&mut events).await,
@@ -1569,12 +1570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_without_receipt_is_sent_again_as_a_retry_after_reconnecting() {
-        let (server, endpoint) = FakeServer::start().await;
-        let (client, mut events) = Client::start(config(endpoint, Duration::from_millis(10)));
-        let mut peer = server.accept().await;
-        assert!(matches!(peer.recv().await, ClientFrame::Login { .. }));
-        peer.send(login_result("s1", false, 0)).await;
-        expect_connected(&mut events, "s1", false, 0).await;
+        let (server, client, _events, mut peer) = logged_in().await;
         let sending = tokio::spawn({
             let client = client.clone();
             async move {
