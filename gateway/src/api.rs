@@ -374,26 +374,18 @@ async fn send_message(
     let deliveries: Vec<_> = to
         .into_iter()
         .map(|user| {
-            let msg = node.router.accept(
+            let mut msg = node.router.accept(
                 from.clone(),
                 user,
                 req.channel.clone(),
                 req.body.clone(),
                 req.client_msg_id.clone(),
             );
+            msg.retry = req.retry;
             let node = node.clone();
-            let retry = req.retry;
             async move {
                 let user_id = msg.to.clone();
-                let repeat = match retry {
-                    true => node.router.repeat_of(&msg).await,
-                    false => None,
-                };
-                let delivery = match repeat {
-                    Some(answer) => answer,
-                    None => node.router.submit(msg).await,
-                };
-                (user_id, delivery)
+                (user_id, node.router.submit(msg).await)
             }
         })
         .collect();

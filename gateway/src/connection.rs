@@ -716,16 +716,9 @@ impl Connection {
             Err(reason) => Err(router.refused(reason)),
             Ok(()) => {
                 let from = Some(handle.user.clone());
-                let msg = router.accept(from, to, channel, body, Some(client_msg_id.clone()));
-                // A retry is looked up first, in the order of this connection's sends.
-                match if retry {
-                    router.repeat_of(&msg).await
-                } else {
-                    None
-                } {
-                    Some(repeat) => Err(repeat),
-                    None => router.begin(msg).await,
-                }
+                let mut msg = router.accept(from, to, channel, body, Some(client_msg_id.clone()));
+                msg.retry = retry;
+                router.begin(msg).await
             }
         };
         let receipt = |delivery: crate::router::Delivery| ServerFrame::SendResult {

@@ -29,6 +29,9 @@ pub struct Message {
     pub body: Body,
     /// The sender's id for the message (idempotency key with sender and recipient).
     pub client_msg_id: Option<String>,
+    /// A repetition of a message whose receipt never came: answered from the store when its
+    /// first attempt is stored (see [`Router::begin`]).
+    pub retry: bool,
     /// Acceptance time, milliseconds since the Unix epoch.
     pub ts_ms: u64,
     pub accepted: Instant,
@@ -173,6 +176,7 @@ impl Router {
             channel,
             body,
             client_msg_id,
+            retry: false,
             ts_ms: unix_millis(),
             accepted: Instant::now(),
         }
@@ -185,19 +189,12 @@ impl Router {
     /// none). `None` when no such message is committed: then the retry is sent as a new message.
     /// (An original still in a writer's queue is not found: the retry is then pushed too, and
     /// stored once.)
-    pub async fn repeat_of(&self, msg: &Message) -> Option<Delivery> {
+    async fn repeat_of(&self, msg: &Message) -> Option<Delivery> {
         let client_msg_id = msg.client_msg_id.as_deref()?;
         let sender = msg.from.as_deref().unwrap_or("");
-        let lookup = async {
-            let Some(id) = self
-                .store
-                .find_by_client_id(sender, &msg.to, client_msg_id)
-                .await?
-            else {
-                return Ok(None);
-            };
-            self.store.message(id).await
-        };
+        let lookup = self
+            .store
+            .message_by_client_id(sender, &msg.to, client_msg_id);
         let stored = match tokio::time::timeout(REPEAT_LOOKUP_TIMEOUT, lookup).await {
             Ok(Ok(stored)) => stored?,
             failed => {
@@ -231,10 +228,16 @@ impl Router {
     }
 
     /// The first half of [`submit`](Self::submit), which a connection runs in the order its
-    /// sends arrive: checks the row against the store, takes a place in the store's queue
-    /// (waiting up to `store.enqueue_timeout_ms`; a refusal here reaches nobody), and queues
-    /// the PUSH on the recipient's local connections.
+    /// sends arrive: answers a retry whose first attempt is stored (see `repeat_of`), checks
+    /// the row against the store, takes a place in the store's queue (waiting up to
+    /// `store.enqueue_timeout_ms`; a refusal here reaches nobody), and queues the PUSH on the
+    /// recipient's local connections. `Err` is the answer when nothing more is to be done.
     pub async fn begin(&self, msg: Message) -> Result<Submission, Delivery> {
+        if msg.retry {
+            if let Some(answer) = self.repeat_of(&msg).await {
+                return Err(answer);
+            }
+        }
         let row = NewMessage {
             id: msg.id,
             sender: msg.from.as_deref().map(str::to_owned),

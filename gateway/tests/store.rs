@@ -586,14 +586,19 @@ async fn a_repeated_client_msg_id_is_stored_once(backend: Backend) {
     assert_eq!(outcome.stored_id(retry.id), first.id);
     assert!(!raw.exists(retry.id).await);
     assert_eq!(
-        store.find_by_client_id("alice", "bob", "k1").await.unwrap(),
+        store
+            .message_by_client_id("alice", "bob", "k1")
+            .await
+            .unwrap()
+            .map(|m| m.id),
         Some(first.id)
     );
     assert_eq!(
         store
-            .find_by_client_id("alice", "bob", "nope")
+            .message_by_client_id("alice", "bob", "nope")
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|m| m.id),
         None
     );
 
@@ -620,7 +625,7 @@ async fn a_repeated_client_msg_id_is_stored_once(backend: Backend) {
         assert_eq!(result.unwrap(), Persisted::Stored);
     }
     assert!(store
-        .find_by_client_id("", "bob", "k1")
+        .message_by_client_id("", "bob", "k1")
         .await
         .unwrap()
         .is_some());
@@ -673,7 +678,11 @@ async fn duplicates_within_one_large_batch_get_one_id(backend: Backend) {
     for (key, id) in &stored_under {
         assert!(raw.exists(*id).await, "{key} stored under {id}");
         assert_eq!(
-            store.find_by_client_id("alice", "bob", key).await.unwrap(),
+            store
+                .message_by_client_id("alice", "bob", key)
+                .await
+                .unwrap()
+                .map(|m| m.id),
             Some(*id)
         );
     }
@@ -1119,7 +1128,7 @@ async fn ids_compare_byte_for_byte(backend: Backend) {
         1
     );
     assert!(store
-        .find_by_client_id("alice", "BOB", "same")
+        .message_by_client_id("alice", "BOB", "same")
         .await
         .unwrap()
         .is_none());

@@ -778,21 +778,24 @@ impl Store {
         }
     }
 
-    /// The id of the committed message with this idempotency key. `sender` is `""` for system
-    /// messages.
-    pub async fn find_by_client_id(
+    /// The committed message with this idempotency key, with its state as of now (see
+    /// [`message`](Self::message)). `sender` is `""` for system messages.
+    pub async fn message_by_client_id(
         &self,
         sender: &str,
         recipient: &str,
         client_msg_id: &str,
-    ) -> Result<Option<MessageId>, StoreError> {
-        let row = sqlx::query(&self.inner.queries.id_by_client_id)
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let row = sqlx::query(&self.inner.queries.message_by_client_id)
             .bind(sender)
             .bind(recipient)
             .bind(client_msg_id)
             .fetch_optional(&self.inner.reads)
             .await?;
-        Ok(row.as_ref().map(|r| sql::id(r, 0)).transpose()?)
+        let Some(message) = row.as_ref().map(sql::stored_message).transpose()? else {
+            return Ok(None);
+        };
+        Ok(self.with_acknowledged(vec![message]).await?.pop())
     }
 
     /// Checks that the database answers (for readiness probes).

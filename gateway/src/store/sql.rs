@@ -178,7 +178,7 @@ pub struct Queries {
     /// Binds id.
     pub message_by_id: String,
     /// Binds sender, recipient, client_msg_id.
-    pub id_by_client_id: String,
+    pub message_by_client_id: String,
     /// A user's stream from a position on, in order: binds recipient, first seq, limit.
     pub stream: String,
     /// The highest position of a user's stream that is stored: binds recipient.
@@ -232,9 +232,10 @@ impl Queries {
         );
         Queries {
             message_by_id: format!("SELECT {COLUMNS} FROM messages WHERE id = ?"),
-            id_by_client_id: "SELECT id FROM messages \
-                              WHERE sender = ? AND recipient = ? AND client_msg_id = ?"
-                .into(),
+            message_by_client_id: format!(
+                "SELECT {COLUMNS} FROM messages \
+                 WHERE sender = ? AND recipient = ? AND client_msg_id = ?"
+            ),
             stream: format!(
                 "SELECT {COLUMNS} FROM {stream} WHERE recipient = ? AND seq >= ? ORDER BY seq LIMIT ?"
             ),
@@ -331,7 +332,7 @@ mod tests {
         for dialect in [Dialect::MySql, Dialect::Sqlite] {
             let q = Queries::new(dialect);
             assert_eq!(count(&q.message_by_id), 1);
-            assert_eq!(count(&q.id_by_client_id), 3);
+            assert_eq!(count(&q.message_by_client_id), 3);
             assert_eq!(count(&q.history_all), 3 * 4 + 3 + 1);
             assert_eq!(count(&q.history_with_peer), 9);
             assert_eq!(count(&q.history_with_self), 4);
