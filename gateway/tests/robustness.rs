@@ -278,3 +278,89 @@ async fn a_websocket_on_another_path_is_refused() {
     assert_eq!(delivered, SendStatus::Stored);
     node.stop().await;
 }
+
+/// A client that streams large frames back to back must not take the node's worker for
+/// itself: its reads yield to other tasks when the task's cooperative budget is spent. The node
+/// runs on a runtime of its own with a single worker, so a task that never yields stops
+/// everything else there: other clients' round trips, `/healthz` and the shutdown. (Whether a
+/// given run hits the spent budget in the middle of a frame depends on timing; the TCP reader's
+/// unit test `a_spent_budget_in_the_middle_of_a_frame_yields_instead_of_spinning` makes it
+/// happen every time.)
+#[test]
+fn a_client_streaming_large_frames_does_not_hang_the_node() {
+    let node_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let test_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    test_rt.block_on(async {
+        let node = node_rt
+            .spawn(TestNode::start_with(|s| {
+                s.client.max_frame_len = 128 * 1024
+            }))
+            .await
+            .unwrap();
+        let mut bystander = node.login(&node.tcp(), "bystander", "app").await;
+        for endpoint in [node.tcp(), node.ws()] {
+            let mut streamer = node.login(&endpoint, "streamer", "app").await;
+            // Acknowledgements padded with whitespace to 60 KB: valid, answered with nothing.
+            // 30 MB of them, written as fast as the socket takes them, so that the node keeps
+            // finding part of a frame to read, and more arriving.
+            let frame = format!(r#"{{"type":"ack","seq":0{}}}"#, " ".repeat(60_000));
+            let count = 500;
+            let stream = tokio::spawn(async move {
+                match &mut streamer.conn {
+                    ClientConnection::Tcp(framed) => {
+                        let mut bytes = Vec::with_capacity(count * (frame.len() + 4));
+                        for _ in 0..count {
+                            bytes.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                            bytes.extend_from_slice(frame.as_bytes());
+                        }
+                        framed.get_mut().write_all(&bytes).await.unwrap();
+                    }
+                    ClientConnection::Ws(_) => {
+                        let frame = Bytes::from(frame);
+                        for _ in 0..count {
+                            streamer.conn.send_raw(frame.clone()).await.unwrap();
+                        }
+                    }
+                }
+                streamer
+            });
+            // Meanwhile the node answers others, round trip after round trip.
+            while !stream.is_finished() {
+                bystander.send(ClientFrame::Heartbeat {}).await;
+                let answer = tokio::time::timeout(common::WAIT, bystander.recv())
+                    .await
+                    .expect("the node answers while a client streams large frames");
+                assert!(
+                    matches!(answer, Some(ServerFrame::HeartbeatAck { .. })),
+                    "{answer:?}"
+                );
+                let health =
+                    tokio::time::timeout(common::WAIT, node.http.get(node.url("/healthz")).send())
+                        .await
+                        .expect("/healthz answers while a client streams large frames")
+                        .unwrap();
+                assert_eq!(health.status(), 200);
+            }
+            let mut streamer = stream.await.unwrap();
+            // Every frame was read: the connection still answers, after them, in order.
+            streamer.send(ClientFrame::Heartbeat {}).await;
+            assert!(
+                matches!(
+                    streamer.recv().await,
+                    Some(ServerFrame::HeartbeatAck { .. })
+                ),
+                "the streamed frames were all read"
+            );
+        }
+        // And the shutdown completes.
+        node.stop().await;
+    });
+    node_rt.shutdown_background();
+}

@@ -6,7 +6,6 @@
 //! Writing gathers a batch of frames, writes it and releases the buffer.
 
 use std::pin::Pin;
-use std::task::Poll;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use imgate_shared::codec::LENGTH_PREFIX_LEN;
@@ -69,21 +68,20 @@ impl TcpReader {
             // One `poll_read` rather than `try_read_buf`: when it reads less than it asked for,
             // tokio takes the socket for drained and waits for the next readiness event, instead
             // of reporting it readable again and paying a recv that fails with WouldBlock after
-            // every frame. Pending (the readiness was stale) just waits again.
+            // every frame. `Pending` is passed on, never retried here: it means either that the
+            // readiness was stale (the waker is registered for the next event) or that the task
+            // has spent its cooperative budget (it is woken at once, after the other tasks of its
+            // worker had their turn). Looping on `readable()` instead would spin forever in the
+            // second case, since the socket stays readable while the budget stays spent.
             let read = std::future::poll_fn(|cx| {
-                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.pending) {
-                    Poll::Pending => Poll::Ready(None),
-                    Poll::Ready(result) => Poll::Ready(Some(result)),
-                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.pending)
             })
             .await;
             match read {
-                Some(Ok(0)) if self.pending.is_empty() => return None,
-                Some(Ok(0)) => {
-                    return Some(Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())))
-                }
-                Some(Ok(_)) | None => {}
-                Some(Err(e)) => return Some(Err(ReadError::Io(e))),
+                Ok(0) if self.pending.is_empty() => return None,
+                Ok(0) => return Some(Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))),
+                Ok(_) => {}
+                Err(e) => return Some(Err(ReadError::Io(e))),
             }
         }
     }
@@ -146,6 +144,8 @@ impl TcpWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use tokio::net::TcpListener;
 
     #[tokio::test]
@@ -193,5 +193,52 @@ mod tests {
         client.write_all(&[0, 0, 0, 5, b'a']).await.unwrap();
         drop(client);
         assert!(matches!(reader.next().await, Some(Err(ReadError::Io(_)))));
+    }
+
+    /// A reader whose task has spent its cooperative budget in the middle of a frame yields
+    /// (tokio wakes the task at once) instead of spinning on a socket that stays readable.
+    /// The frame is longer than one read chunk and wholly in the socket, so the first read
+    /// leaves the socket readable; the task enters `next` with one unit of budget left, which
+    /// that read spends. A reader that retried `Pending` itself would never return.
+    #[test]
+    fn a_spent_budget_in_the_middle_of_a_frame_yields_instead_of_spinning() {
+        // Two workers: one may be taken by the reader, the other still runs the timer.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let read = rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let payload = vec![b' '; 4 * READ_CHUNK];
+            let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&payload);
+            client.write_all(&frame).await.unwrap();
+            // The whole frame has arrived before the reader starts.
+            let mut peek = vec![0; frame.len()];
+            while server.peek(&mut peek).await.unwrap() < frame.len() {
+                tokio::task::yield_now().await;
+            }
+            let (mut reader, _writer) = split(server, frame.len());
+            let task = tokio::spawn(async move {
+                // A fresh poll has a budget of 128 units: leave one.
+                for _ in 0..127 {
+                    tokio::task::consume_budget().await;
+                }
+                reader.next().await.unwrap().unwrap().len()
+            });
+            tokio::time::timeout(Duration::from_secs(10), task).await
+        });
+        // A task that never yields cannot be shut down: leave it behind rather than wait.
+        rt.shutdown_background();
+        assert_eq!(
+            read.expect("the reader yields and then reads the frame")
+                .unwrap(),
+            4 * READ_CHUNK
+        );
     }
 }
