@@ -65,11 +65,10 @@ pub struct DeliverySettings {
     pub max_retransmits: u32,
     /// Most pushes of one connection awaiting acknowledgement; further ones wait.
     pub window: usize,
-    /// A missing stream position is looked up in the database after this long.
+    /// A missing stream position is looked up in the database after this long, and again
+    /// every this long while it is missing. It is skipped only when the database does not have
+    /// it and no live node holds it (never because of time alone).
     pub gap_timeout_ms: u64,
-    /// A position still missing after this long is skipped (its message was never stored: its
-    /// node crashed before the commit, and its sender got no receipt).
-    pub hole_timeout_ms: u64,
     /// Sessions (for RESUME) expire after this long without a resume.
     pub session_ttl_secs: u64,
 }
@@ -82,7 +81,6 @@ impl Default for DeliverySettings {
             max_retransmits: 3,
             window: 256,
             gap_timeout_ms: 1_000,
-            hole_timeout_ms: 10_000,
             session_ttl_secs: 24 * 3600,
         }
     }
@@ -480,9 +478,6 @@ impl Settings {
             return invalid(
                 "delivery.ack_timeout_ms, delivery.gap_timeout_ms and delivery.session_ttl_secs must be positive",
             );
-        }
-        if d.hole_timeout_ms < d.gap_timeout_ms {
-            return invalid("delivery.hole_timeout_ms must be at least delivery.gap_timeout_ms");
         }
         if d.retention_secs == 0 {
             return invalid("delivery.retention_secs must be positive");

@@ -37,7 +37,9 @@ const MAX_WRITE_BATCH: usize = 64;
 /// Most sends of one connection awaiting their receipt; beyond it the connection is not read.
 const MAX_SENDS_IN_FLIGHT: usize = 64;
 /// A database read of a device stream, running in a task of its own.
-type PageFuture = JoinHandle<Result<Vec<StoredMessage>, StoreError>>;
+/// A database read of a device stream, and for a probe the number of its positions some node
+/// still holds (see [`Fetch`]).
+type PageFuture = JoinHandle<Result<(Vec<StoredMessage>, Option<u64>), StoreError>>;
 
 /// Longest time spent writing a farewell frame (KICK or ERROR) before closing anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -461,10 +463,19 @@ impl Connection {
             if fetch.is_none() {
                 if let Some(f) = stream.fetch(Instant::now()) {
                     let store = node.store().clone();
+                    let cluster = node.cluster().clone();
                     let user = handle.user.clone();
                     // Its own task: a connection closing meanwhile does not cut the query off.
-                    let read: PageFuture =
-                        tokio::spawn(async move { store.stream(&user, f.from, f.limit).await });
+                    let read: PageFuture = tokio::spawn(async move {
+                        // Asked before the read: a missing position that no node holds and
+                        // that a later read does not find will never be stored.
+                        let holders = match f.probe {
+                            Some((from, to)) => cluster.holders(&user, from, to).await,
+                            None => None,
+                        };
+                        let rows = store.stream(&user, f.from, f.limit).await?;
+                        Ok((rows, holders))
+                    });
                     fetch = Some((f, read));
                 }
             }
@@ -494,7 +505,7 @@ impl Connection {
                     let (f, _) = fetch.take().expect("guarded");
                     let now = Instant::now();
                     match rows {
-                        Ok(Ok(rows)) => stream.fill(f, rows, now, unix_millis()),
+                        Ok(Ok((rows, holders))) => stream.fill(f, rows, holders, now, unix_millis()),
                         Ok(Err(e)) => {
                             debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
                             stream.fetch_failed(now);

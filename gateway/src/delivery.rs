@@ -10,8 +10,11 @@
 //!   and a live push that overtook an older one waits for it.
 //! - **Gaps**: a missing position (its push went elsewhere or has not arrived, or this node
 //!   missed it while the device was connecting) is looked up in the database after
-//!   `gap_timeout`. A position still missing after `hole_timeout` is skipped: its message was
-//!   never stored (its node crashed before the commit; its sender got no receipt).
+//!   `gap_timeout`, and again every `gap_timeout` while it is missing. A position is skipped
+//!   only when it is certain that it will never be stored: the database does not have it, and
+//!   then no live node holds it (its write failed, or the node that took it is gone; see
+//!   `cluster/holds.rs`). Its sender got no receipt. Time alone never skips a position: a
+//!   write that takes minutes is waited for.
 //! - **Flow control**: at most `window` pushes await acknowledgement; the rest wait in `held`
 //!   (bounded: beyond it they are dropped and read back from the database later).
 //! - **Retransmission**: a push not acknowledged within `ack_timeout` is sent again, at most
@@ -56,6 +59,8 @@ pub const CATALOG: &[(&str, &str)] = &[
     (metric::REPLAYED, "counter"),
     (metric::RETRANSMITS, "counter"),
     (metric::HOLES, "counter"),
+    (crate::cluster::holds::metric::HOLE_CHECKS, "counter"),
+    (crate::cluster::holds::metric::RESERVATIONS, "gauge"),
     (metric::EXPIRED, "counter"),
     (metric::SESSIONS, "counter"),
 ];
@@ -73,7 +78,15 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         metric::HOLES,
-        "Stream positions skipped because their message was never stored (its node crashed before the commit)."
+        "Stream positions skipped because their message will never be stored: not in the database, and held by no live node (its write failed, or its node is gone)."
+    );
+    describe_counter!(
+        crate::cluster::holds::metric::HOLE_CHECKS,
+        "Checks of missing stream positions the database did not have, by outcome: held (a node still holds one for writing), none (no node does), unknown (a node did not answer)."
+    );
+    metrics::describe_gauge!(
+        crate::cluster::holds::metric::RESERVATIONS,
+        "Stream positions this node has taken for messages whose write has not yet succeeded or failed."
     );
     describe_counter!(
         metric::EXPIRED,
@@ -92,7 +105,6 @@ pub struct StreamConfig {
     pub ack_timeout: Duration,
     pub max_retransmits: u32,
     pub gap_timeout: Duration,
-    pub hole_timeout: Duration,
     pub retention: Duration,
     /// Rows per database read.
     pub page: u32,
@@ -107,7 +119,6 @@ impl StreamConfig {
             ack_timeout: Duration::from_millis(d.ack_timeout_ms),
             max_retransmits: d.max_retransmits,
             gap_timeout: Duration::from_millis(d.gap_timeout_ms),
-            hole_timeout: Duration::from_millis(d.hole_timeout_ms),
             retention: Duration::from_secs(d.retention_secs),
             page: d.window.clamp(16, crate::store::MAX_PAGE as usize) as u32,
             max_held: (d.window * 4).max(1_024),
@@ -154,10 +165,15 @@ struct Inflight {
 pub struct AckTimeout;
 
 /// A database read the connection should start: positions from `from` on, at most `limit`.
+/// With `probe`, a run of missing positions (`from..=to`) that the database did not have when
+/// last read: before the read, the connection asks whether any node still holds one of them
+/// ([`Cluster::holders`](crate::cluster::Cluster::holders)), and hands the answer to
+/// [`DeviceStream::fill`].
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub struct Fetch {
     pub from: u64,
     pub limit: u32,
+    pub probe: Option<(u64, u64)>,
 }
 
 /// One device's stream on one connection.
@@ -279,9 +295,18 @@ impl DeviceStream {
         }
         self.fetch_at = None;
         self.fetching = Some(now);
+        // A run of missing positions that the last read (which reached the end of what the
+        // database holds) did not find, missing for a gap timeout already.
+        let probe = (self.exhausted
+            && self.missing()
+            && self
+                .gap_since
+                .is_some_and(|since| now >= since + self.cfg.gap_timeout))
+        .then(|| (self.next, self.first_known() - 1));
         Some(Fetch {
             from: self.next,
             limit: self.cfg.page,
+            probe,
         })
     }
 
@@ -290,10 +315,18 @@ impl DeviceStream {
         self.fetching.is_some()
     }
 
-    /// The result of the read [`fetch`](Self::fetch) asked for: rows in position order.
-    /// `now_ms` is the wall clock, for the retention.
-    pub fn fill(&mut self, fetch: Fetch, rows: Vec<StoredMessage>, now: Instant, now_ms: u64) {
-        let started = self.fetching.take().unwrap_or(now);
+    /// The result of the read [`fetch`](Self::fetch) asked for: rows in position order, and
+    /// for a probe, how many of its positions some node still holds (asked before the read;
+    /// `None` when not every node answered). `now_ms` is the wall clock, for the retention.
+    pub fn fill(
+        &mut self,
+        fetch: Fetch,
+        rows: Vec<StoredMessage>,
+        holders: Option<u64>,
+        now: Instant,
+        now_ms: u64,
+    ) {
+        self.fetching = None;
         self.exhausted = rows.len() < fetch.limit as usize;
         let cutoff = now_ms.saturating_sub(self.cfg.retention.as_millis() as u64);
         for row in rows {
@@ -317,26 +350,30 @@ impl DeviceStream {
         if !self.exhausted {
             self.fetch_soon(now);
         }
-        // A position missing since before `hole_timeout`, and still not in the database when
-        // this read started: it never will be. Skip to the next known position.
-        if self.missing()
-            && self
-                .gap_since
-                .is_some_and(|since| started >= since + self.cfg.hole_timeout)
-        {
-            let to = self
-                .held
-                .first_key_value()
-                .map_or(self.head + 1, |(&s, _)| s);
-            metrics::counter!(metric::HOLES).increment(to - self.next);
-            tracing::warn!(
-                from = self.next,
-                to = to - 1,
-                "stream positions skipped: never stored"
-            );
-            self.next = to;
-            self.gap_since = None;
+        // No node held any of the probed positions, and a read started after they all
+        // answered does not have them either: they will never be stored. Skip them (only
+        // them: positions that became known meanwhile were not asked about).
+        if let (Some((from, to)), Some(0)) = (fetch.probe, holders) {
+            let skip_to = self.first_known().min(to + 1);
+            if self.exhausted && self.missing() && self.next >= from && skip_to > self.next {
+                metrics::counter!(metric::HOLES).increment(skip_to - self.next);
+                tracing::warn!(
+                    from = self.next,
+                    to = skip_to - 1,
+                    "stream positions skipped: never stored"
+                );
+                self.next = skip_to;
+                self.gap_since = None;
+            }
         }
+    }
+
+    /// The first position after `next` that is known to exist: the lowest held, or the one
+    /// after the head.
+    fn first_known(&self) -> u64 {
+        self.held
+            .first_key_value()
+            .map_or(self.head + 1, |(&s, _)| s)
     }
 
     /// A database read failed: try again after the gap timeout.
@@ -539,7 +576,6 @@ mod tests {
             ack_timeout: Duration::from_secs(10),
             max_retransmits: 2,
             gap_timeout: Duration::from_secs(1),
-            hole_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(3600),
             page: 100,
             max_held: 8,
@@ -601,7 +637,8 @@ mod tests {
             f,
             Fetch {
                 from: 3,
-                limit: 100
+                limit: 100,
+                probe: None
             }
         );
         // Live 6 and 7 arrive while the database read runs; 7 before 6.
@@ -619,6 +656,7 @@ mod tests {
                 row(5, u64::MAX / 2, None),
                 row(6, u64::MAX / 2, None),
             ],
+            None,
             t,
             u64::MAX / 2,
         );
@@ -651,7 +689,13 @@ mod tests {
         let t = Instant::now();
         let mut s = DeviceStream::new(cfg(2), "app".into(), 0, None, t);
         let f = s.fetch(t).unwrap();
-        s.fill(f, (1..=100).map(|seq| row(seq, 5, None)).collect(), t, 10);
+        s.fill(
+            f,
+            (1..=100).map(|seq| row(seq, 5, None)).collect(),
+            None,
+            t,
+            10,
+        );
         let mut out = Vec::new();
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["r1", "r2"]);
@@ -668,7 +712,7 @@ mod tests {
         let t = Instant::now();
         let mut s = DeviceStream::new(cfg(2), "app".into(), 0, None, t);
         let f = s.fetch(t).unwrap();
-        s.fill(f, vec![], t, 10);
+        s.fill(f, vec![], None, t, 10);
         let mut out = Vec::new();
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["caught_up 0"]);
@@ -699,7 +743,7 @@ mod tests {
         let due = s.deadline().unwrap();
         assert_eq!(due, t, "the first database read is due at once");
         let f = s.fetch(t).unwrap();
-        s.fill(f, vec![], t, 10);
+        s.fill(f, vec![], None, t, 10);
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["caught_up 1"]);
         let first = s.deadline().unwrap();
@@ -714,15 +758,16 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_is_looked_up_then_a_hole_is_skipped() {
+    fn a_gap_is_looked_up_and_a_hole_is_skipped_only_when_no_node_holds_it() {
         let t = Instant::now();
         let mut s = DeviceStream::new(cfg(8), "app".into(), 0, None, t);
         let f = s.fetch(t).unwrap();
-        s.fill(f, vec![], t, 10);
+        assert_eq!(f.probe, None, "nothing is missing yet");
+        s.fill(f, vec![], None, t, 10);
         let mut out = Vec::new();
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["caught_up 0"]);
-        // 1 never arrives; 2 does.
+        // 1 is late (its write is slow, or it will never come); 2 arrives.
         s.offer(live(2), t);
         s.pump(t, &mut out);
         assert!(out.is_empty());
@@ -733,23 +778,42 @@ mod tests {
             "looked up after the gap timeout"
         );
         let f = s.fetch(at).unwrap();
-        assert_eq!(f.from, 1);
-        s.fill(f, vec![row(2, 5, None)], at, 10);
+        assert_eq!((f.from, f.probe), (1, Some((1, 1))));
+        // A node holds position 1 (or one did not answer): however long that lasts, it is
+        // waited for, and looked up again every gap timeout.
+        s.fill(f, vec![row(2, 5, None)], Some(1), at, 10);
         s.pump(at, &mut out);
-        assert!(out.is_empty(), "not skipped before the hole timeout");
-        let mut now;
-        loop {
-            now = s.deadline().unwrap();
+        let mut now = at;
+        for round in 0..1_000 {
+            assert!(out.is_empty(), "skipped while held");
+            let due = s.deadline().unwrap();
+            assert_eq!(due, now + Duration::from_secs(1));
+            now = due;
             let f = s.fetch(now).unwrap();
-            s.fill(f, vec![row(2, 5, None)], now, 10);
+            assert_eq!(f.probe, Some((1, 1)));
+            let holders = if round % 2 == 0 { Some(1) } else { None };
+            s.fill(f, vec![row(2, 5, None)], holders, now, 10);
             s.pump(now, &mut out);
-            if !out.is_empty() {
-                break;
-            }
-            assert!(now < t + Duration::from_secs(10), "never skipped");
         }
-        assert!(now >= t + Duration::from_secs(5));
+        assert!(out.is_empty(), "skipped while held");
+        // Nobody holds it and the database still does not have it: never stored. Skipped.
+        now = s.deadline().unwrap();
+        let f = s.fetch(now).unwrap();
+        s.fill(f, vec![row(2, 5, None)], Some(0), now, 10);
+        s.pump(now, &mut out);
         assert_eq!(frames(&mut out), ["p2"]);
+        assert_eq!(s.cursor(), 1, "1 skipped, 2 awaiting its acknowledgement");
+
+        // A position that nobody holds any more because its write has just succeeded is
+        // found by the read that follows the question: pushed, not skipped.
+        s.offer(live(4), now);
+        s.pump(now, &mut out);
+        let now = s.deadline().unwrap().min(now + Duration::from_secs(1));
+        let f = s.fetch(now).unwrap();
+        assert_eq!(f.probe, Some((3, 3)));
+        s.fill(f, vec![row(3, 5, None), row(4, 5, None)], Some(0), now, 10);
+        s.pump(now, &mut out);
+        assert_eq!(frames(&mut out), ["r3", "p4"]);
     }
 
     #[test]
@@ -767,6 +831,7 @@ mod tests {
                 row(3, now_ms, Some("web")),
                 row(4, now_ms, Some("app")),
             ],
+            None,
             t,
             now_ms,
         );
@@ -792,7 +857,7 @@ mod tests {
         let t = Instant::now();
         let mut s = DeviceStream::new(cfg(1), "app".into(), 0, None, t);
         let f = s.fetch(t).unwrap();
-        s.fill(f, vec![], t, 10);
+        s.fill(f, vec![], None, t, 10);
         let mut out = Vec::new();
         s.pump(t, &mut out);
         out.clear();

@@ -11,6 +11,7 @@ use imgate_shared::protocol::{encode_push, Body, ErrorCode, MAX_ID_LEN};
 use imgate_shared::{KickReason, MessageId, SendStatus};
 
 use crate::auth::unix_millis;
+use crate::cluster::holds::Reservation;
 use crate::cluster::{Cluster, Route};
 use crate::config::Settings;
 use crate::ids::IdGenerator;
@@ -69,6 +70,9 @@ pub struct Submission {
     payload: bytes::Bytes,
     local: u32,
     route: Route,
+    /// Held until the write has succeeded or failed: until then, no connection skips the
+    /// message's position as never stored.
+    reservation: Reservation,
 }
 
 pub struct Router {
@@ -271,6 +275,7 @@ impl Router {
             }
         };
         let mut row = row;
+        let reservation = self.cluster.reserve(&msg.to);
         let position = self
             .cluster
             .next_position(&msg.to, msg.channel.as_deref(), floor)
@@ -278,6 +283,7 @@ impl Router {
         let route = match position {
             Ok(p) => {
                 row.seq = p.seq;
+                reservation.taken(p.seq);
                 p.route
             }
             Err(e) => {
@@ -312,6 +318,7 @@ impl Router {
             payload,
             local,
             route,
+            reservation,
         })
     }
 
@@ -325,6 +332,7 @@ impl Router {
             payload,
             local,
             route,
+            reservation,
         } = s;
         let mut connections = local;
         if self.cluster.is_clustered() {
@@ -344,7 +352,10 @@ impl Router {
             row.state = DeliveryState::Delivered;
         }
         let id = row.id;
-        match permit.write(row).await {
+        let written = permit.write(row).await;
+        // Written or given up: no longer a position that may still come.
+        drop(reservation);
+        match written {
             Ok(persisted) => {
                 let status = if connections > 0 {
                     self.metrics.delivered.increment(1);

@@ -1430,3 +1430,54 @@ async fn nodes_recover_after_a_redis_restart() {
         "nothing from while it was down"
     );
 }
+
+/// Whether a missing position may still be stored: the node that took it holds it until its
+/// write is settled; every live node is asked; a registered node that does not answer makes
+/// the answer unknown (never "nobody"), until its registration expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_is_held_by_the_node_that_took_it_until_settled_or_gone() {
+    init_tracing();
+    let prefix = unique_prefix();
+    let url = redis_url();
+    let mut nodes = Vec::new();
+    for id in ["a", "b", "c"] {
+        let mut s = settings(&url, &prefix, id, RoutingMode::Routed);
+        s.cluster.request_timeout_ms = 500;
+        nodes.push(start_node(&s).await);
+    }
+    let c = nodes.pop().unwrap();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(a.cluster.holders("u", 1, 10).await, Some(0));
+
+    // b asks for a position: held while its write is pending, whatever position it gets.
+    let pending = b.cluster.reserve("u");
+    assert_eq!(a.cluster.holders("u", 1, 1).await, Some(1));
+    pending.taken(5);
+    assert_eq!(a.cluster.holders("u", 1, 4).await, Some(0));
+    assert_eq!(a.cluster.holders("u", 5, 5).await, Some(1));
+    assert_eq!(a.cluster.holders("v", 5, 5).await, Some(0));
+    assert_eq!(b.cluster.holders("u", 5, 5).await, Some(1), "its own");
+    // Written (or failed): settled.
+    drop(pending);
+    assert_eq!(a.cluster.holders("u", 5, 5).await, Some(0));
+
+    // c takes position 6 and crashes before writing it: while c is registered, nobody can
+    // say that 6 will never come; once its registration expires, it never will.
+    let lost = c.cluster.reserve("u");
+    lost.taken(6);
+    assert_eq!(a.cluster.holders("u", 6, 6).await, Some(1));
+    drop(c);
+    assert_eq!(
+        a.cluster.holders("u", 6, 6).await,
+        None,
+        "c does not answer"
+    );
+    wait_for(
+        "c's registration to expire",
+        Duration::from_millis(NODE_TTL_MS * 4),
+        || async { (a.cluster.holders("u", 6, 6).await == Some(0)).then_some(()) },
+    )
+    .await;
+    drop(lost);
+    cleanup(&url, &prefix, &nodes).await;
+}

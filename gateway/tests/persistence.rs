@@ -527,3 +527,88 @@ async fn a_stalled_database_delays_or_refuses_but_loses_nothing() {
     node.stop().await;
     db.drop_database().await;
 }
+
+/// The next push of `c`: (seq, body).
+async fn next_seq_push(c: &mut common::Client) -> (u64, Value) {
+    loop {
+        match c.recv().await {
+            Some(ServerFrame::Push { seq, body, .. }) => {
+                return (seq.expect("a stream push"), body.parse().unwrap())
+            }
+            Some(ServerFrame::CaughtUp { .. }) => continue,
+            other => panic!("expected a push, got {other:?}"),
+        }
+    }
+}
+
+/// A device that logs in while an earlier position of its stream is still uncommitted waits
+/// for it, however long the write takes: the position is held by the node whose write is
+/// pending, so it is never skipped as "never stored". (Before, it was skipped after
+/// `delivery.hole_timeout_ms`, and the message, committed later and confirmed to its sender,
+/// never reached the device.)
+#[tokio::test]
+async fn a_position_whose_commit_is_slow_is_waited_for_not_skipped() {
+    let db = MysqlDb::create().await;
+    // Missing positions are looked up every 20 ms: a skip by time would come at once.
+    let node = node_on(&db, |s| s.delivery.gap_timeout_ms = 20).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    warm_up(&mut alice, "bob").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    assert_eq!(next_seq_push(&mut bob).await.0, 1);
+    bob.send(ClientFrame::Ack {
+        seq: Some(1),
+        id: None,
+    })
+    .await;
+
+    // Writes wait; reads go on.
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages READ").await.unwrap();
+    let send = |n: u64| ClientFrame::Send {
+        to: "bob".into(),
+        channel: None,
+        client_msg_id: format!("slow-{n}"),
+        body: Body::from_value(&json!({ "n": n })).unwrap(),
+        retry: false,
+    };
+    alice.send(send(2)).await;
+    // Pushed before its commit; the device goes away before acknowledging it.
+    assert_eq!(next_seq_push(&mut bob).await.0, 2);
+    drop(bob);
+    writer_waits_for_lock(&db).await;
+    // Back on the same device: the database knows nothing after 1.
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    // 3 arrives live; 2 is missing, and looked up again and again while its write waits.
+    alice.send(send(3)).await;
+    metric_reaches(
+        &node,
+        "imgate_delivery_hole_checks_total",
+        &["outcome=\"held\""],
+        5.0,
+    )
+    .await;
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    // Both commit; both receipts come; the device gets 2, then 3.
+    for _ in 0..2 {
+        let frame = alice.recv().await.unwrap();
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::SendResult {
+                    status: SendStatus::Delivered,
+                    ..
+                }
+            ),
+            "{frame:?}"
+        );
+    }
+    assert_eq!(next_seq_push(&mut bob).await, (2, json!({"n": 2})));
+    assert_eq!(next_seq_push(&mut bob).await, (3, json!({"n": 3})));
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_delivery_holes_skipped_total", &[]),
+        0.0
+    );
+    node.stop().await;
+    db.drop_database().await;
+}

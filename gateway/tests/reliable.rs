@@ -411,7 +411,6 @@ async fn a_message_for_another_channel_type_is_skipped_without_waiting_for_it() 
     // Gap lookups only after a minute: the skipped position must be known at once.
     let node = TestNode::start_with(|s| {
         s.delivery.gap_timeout_ms = 60_000;
-        s.delivery.hole_timeout_ms = 60_000;
     })
     .await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;

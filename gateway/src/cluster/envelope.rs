@@ -80,6 +80,19 @@ pub(crate) enum Envelope<'a> {
         node: Cow<'a, str>,
         count: u64,
     },
+    /// How many of `user`'s stream positions `from_seq..=to_seq` the receiving node has taken
+    /// and not yet stored or given up: answered by every node with a `Reply`, zero included.
+    Holds {
+        req: u64,
+        #[serde(borrow)]
+        from: Cow<'a, str>,
+        #[serde(borrow)]
+        from_instance: Cow<'a, str>,
+        #[serde(borrow)]
+        user: Cow<'a, str>,
+        from_seq: u64,
+        to_seq: u64,
+    },
     /// A node checking that its own subscription is alive; ignored.
     Ping {
         #[serde(borrow)]
@@ -96,6 +109,7 @@ impl Envelope<'_> {
             Envelope::KickConn { .. } => Kind::KickConn,
             Envelope::Reply { .. } => Kind::Reply,
             Envelope::Ping { .. } => Kind::Ping,
+            Envelope::Holds { .. } => Kind::Holds,
         }
     }
 

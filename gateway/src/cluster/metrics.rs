@@ -91,16 +91,18 @@ pub(crate) enum Kind {
     KickConn,
     Reply,
     Ping,
+    Holds,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Deliver,
         Kind::Broadcast,
         Kind::KickUser,
         Kind::KickConn,
         Kind::Reply,
         Kind::Ping,
+        Kind::Holds,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -111,6 +113,7 @@ impl Kind {
             Kind::KickConn => "kick_conn",
             Kind::Reply => "reply",
             Kind::Ping => "ping",
+            Kind::Holds => "holds",
         }
     }
 }

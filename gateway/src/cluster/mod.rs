@@ -8,7 +8,8 @@
 //! - `remote.rs`: requests to other nodes and answers to theirs; `envelope.rs`: what travels on
 //!   the bus; `upkeep.rs`: the maintenance loop; `scripts.rs`: the Lua scripts and their
 //!   contracts; `metrics.rs`: metric names; `streams.rs`: per-user stream positions;
-//!   `sessions.rs`: sessions for fast reconnect; `batch.rs`: coalescing of concurrent Redis calls.
+//!   `sessions.rs`: sessions for fast reconnect; `batch.rs`: coalescing of concurrent Redis calls;
+//!   `holds.rs`: positions taken and not yet stored, and whether a missing one may still come.
 //!
 //! A delivery to a remote user is one request over the bus: `broadcast` routing publishes it on
 //! `{p}:bus:all`, `routed` routing looks the user up in presence (in the same Redis call that
@@ -39,6 +40,7 @@
 mod batch;
 pub mod bus;
 mod envelope;
+pub mod holds;
 mod keys;
 pub mod metrics;
 mod nodes;
@@ -232,6 +234,10 @@ struct Inner {
     redis: Option<Redis>,
     /// Requests waiting for replies: request id → where replies' counts go.
     pending: DashMap<u64, mpsc::UnboundedSender<u64>>,
+    /// Hole checks waiting for replies: request id → where (node, count) replies go.
+    holds: DashMap<u64, mpsc::UnboundedSender<(String, u64)>>,
+    /// Stream positions this node has taken and not settled (see `holds.rs`).
+    reservations: Arc<holds::Reservations>,
     next_req: AtomicU64,
     metrics: BusMetrics,
     stop: CancellationToken,
@@ -419,6 +425,8 @@ impl Cluster {
             bus,
             redis,
             pending: DashMap::new(),
+            holds: DashMap::new(),
+            reservations: Arc::default(),
             next_req: AtomicU64::new(1),
             metrics,
             stop: stop.clone(),

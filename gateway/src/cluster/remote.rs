@@ -36,6 +36,18 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Removes a pending hole check when its requester returns or is cancelled.
+struct HoldsGuard<'a> {
+    holds: &'a DashMap<u64, mpsc::UnboundedSender<(String, u64)>>,
+    req: u64,
+}
+
+impl Drop for HoldsGuard<'_> {
+    fn drop(&mut self) {
+        self.holds.remove(&self.req);
+    }
+}
+
 impl Inner {
     pub(super) fn check_commands(&self, redis: &Redis) -> Result<(), ClusterError> {
         if self.left.load(Ordering::Acquire) || !redis.bus.commands_up() {
@@ -200,6 +212,78 @@ impl Inner {
             connections: connections.min(u64::from(u32::MAX)) as u32,
             complete,
         }
+    }
+
+    /// How many of `user`'s positions `from..=to` the other live nodes hold (see `holds.rs`):
+    /// `None` unless every node in the registry answered by the request timeout.
+    pub(super) async fn holds_elsewhere(
+        &self,
+        redis: &Redis,
+        user: &str,
+        from: u64,
+        to: u64,
+    ) -> Option<u64> {
+        let deadline = Instant::now() + self.request_timeout;
+        if self.check_commands(redis).is_err() {
+            return None;
+        }
+        // The nodes are listed before the question is published: a node that starts later
+        // cannot hold a position that was taken before.
+        let nodes = match timeout_at(deadline, redis.nodes.list()).await {
+            Ok(Ok(nodes)) => nodes,
+            _ => return None,
+        };
+        let mut waiting: std::collections::HashSet<String> = nodes
+            .into_iter()
+            .map(|n| n.id)
+            .filter(|id| *id != self.me.node_id)
+            .collect();
+        if waiting.is_empty() {
+            return Some(0);
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.holds.insert(req, tx);
+        let _pending = HoldsGuard {
+            holds: &self.holds,
+            req,
+        };
+        let payload = Envelope::Holds {
+            req,
+            from: self.me.node_id.as_str().into(),
+            from_instance: self.me.instance.as_str().into(),
+            user: user.into(),
+            from_seq: from,
+            to_seq: to,
+        }
+        .encode();
+        match timeout_at(
+            deadline,
+            self.publish(Kind::Holds, &self.keys.bus_all, payload),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            _ => {
+                self.metrics.incomplete(Kind::Holds).increment(1);
+                return None;
+            }
+        }
+        let mut held = 0;
+        while !waiting.is_empty() {
+            match timeout_at(deadline, rx.recv()).await {
+                Ok(Some((node, n))) => {
+                    if waiting.remove(&node) {
+                        held += n;
+                    }
+                }
+                _ => {
+                    self.metrics.incomplete(Kind::Holds).increment(1);
+                    return None;
+                }
+            }
+        }
+        Some(held)
     }
 
     /// Kicks the connections a kick_old registration displaced, each on its own node.
@@ -375,14 +459,30 @@ impl Inner {
             Envelope::Reply {
                 req,
                 to_instance,
+                node,
                 count,
-                ..
             } => {
                 if to_instance == mine {
                     if let Some(tx) = self.pending.get(&req) {
                         let _ = tx.send(count);
+                    } else if let Some(tx) = self.holds.get(&req) {
+                        let _ = tx.send((node.into_owned(), count));
                     }
                 }
+            }
+            Envelope::Holds {
+                req,
+                from,
+                from_instance,
+                user,
+                from_seq,
+                to_seq,
+            } => {
+                if from_instance == mine {
+                    return;
+                }
+                let n = self.reservations.count(&user, from_seq, to_seq);
+                self.reply(&from, &from_instance, req, n);
             }
             Envelope::Ping { .. } => {}
         }

@@ -5,8 +5,8 @@
 //! the database holds, which the caller supplies.
 //!
 //! Positions are taken after the message has its place in the store's write queue, so a taken
-//! position is written unless the node crashes before the commit (a "hole", which the
-//! receiving connections skip after `delivery.hole_timeout_ms`).
+//! position is written unless the write fails or the node crashes before the commit (a "hole",
+//! which the receiving connections skip once no live node holds it: `holds.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
