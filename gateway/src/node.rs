@@ -70,6 +70,7 @@ impl Node {
                 return Err(e.into());
             }
         };
+        cluster.set_epoch_source(Arc::new(store.clone()));
         let tag = cluster.node_tag();
         let router = Router::new(&settings, registry, tag, metrics.clone(), store, cluster);
         Ok(Node {

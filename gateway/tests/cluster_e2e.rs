@@ -456,12 +456,16 @@ async fn a_redis_restart_loses_nothing() {
         status(&alice.send_text("bob", "after").await),
         (SendStatus::Delivered, 1)
     );
-    // The restarted Redis lost bob's stream counter: it restarts from the database's head,
-    // so "after" takes position 2, right after "before".
+    // The restarted Redis lost every stream counter and the stream epoch: the nodes start
+    // epoch 1, whose positions begin above 2^32, so that no position taken before the restart
+    // (a message still being written, say) is ever handed out again. bob's connection skips
+    // the positions in between once no node holds one of them.
+    const EPOCH_1: i64 = 1 << 32;
     match bob.recv_skip_acks().await {
-        Some(ServerFrame::Push { seq, body, .. }) => {
-            assert_eq!((seq, body.get()), (Some(2), r#"{"text":"after"}"#))
-        }
+        Some(ServerFrame::Push { seq, body, .. }) => assert_eq!(
+            (seq, body.get()),
+            (Some(EPOCH_1 as u64 + 1), r#"{"text":"after"}"#)
+        ),
         other => panic!("{other:?}"),
     }
     // Every accepted message is in the store, and nothing else.
@@ -479,8 +483,120 @@ async fn a_redis_restart_loses_nothing() {
         states,
         vec![
             (r#"{"text":"before"}"#.into(), 1, 1),
-            (r#"{"text":"after"}"#.into(), 1, 2)
+            (r#"{"text":"after"}"#.into(), 1, EPOCH_1 + 1)
         ]
+    );
+    stop_all(nodes).await;
+    db.drop_database().await;
+}
+
+/// Redis loses its data while a message is still being written: the stream counters restart,
+/// and before, the next message took the position of the one in flight. The device already
+/// held a push at that position and dropped the second message as a duplicate, although its
+/// sender was told `delivered`. Now the positions after the loss belong to a new stream epoch,
+/// above every position taken before it: both messages arrive, each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_while_a_write_is_in_flight_loses_nothing() {
+    let redis = PrivateRedis::start();
+    redis.wait_up().await;
+    let db = MysqlDb::create().await;
+    let prefix = random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let (prefix, url, redis_url) = (prefix.clone(), db.url.clone(), redis.url());
+        nodes.push(
+            IsolatedNode::start_with(move |s| {
+                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
+                s.cluster.redis_url = Some(imgate::config::Secret::new(redis_url));
+                s.delivery.gap_timeout_ms = 50;
+            })
+            .await,
+        );
+    }
+    let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
+    let mut bob = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
+    let send = |text: &str| ClientFrame::Send {
+        to: "bob".into(),
+        channel: None,
+        client_msg_id: text.into(),
+        body: imgate_shared::protocol::Body::from_value(&json!({ "text": text })).unwrap(),
+        retry: false,
+    };
+    let push_of = |frame: Option<ServerFrame>| match frame {
+        Some(ServerFrame::Push { seq, body, .. }) => (
+            seq.unwrap(),
+            body.get().parse::<Value>().unwrap()["text"].clone(),
+        ),
+        other => panic!("expected a push, got {other:?}"),
+    };
+    alice.send(send("one")).await;
+    assert_eq!(
+        status(&alice.recv().await.unwrap()).0,
+        SendStatus::Delivered
+    );
+    assert_eq!(push_of(bob.recv_skip_acks().await), (1, json!("one")));
+
+    // Writes wait (reads go on); "two" is pushed before its commit.
+    use sqlx::Executor;
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages READ").await.unwrap();
+    alice.send(send("two")).await;
+    assert_eq!(push_of(bob.recv_skip_acks().await), (2, json!("two")));
+
+    // Redis loses everything. The nodes register themselves and their connections again.
+    let flusher =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    {
+        use fred::prelude::ClientLike;
+        flusher.init().await.unwrap();
+        flusher.flushall::<()>(false).await.unwrap();
+        let _ = flusher.quit().await;
+    }
+    eventually("bob's presence registered again", || async {
+        let (_, p) = nodes[0]
+            .admin_json(Method::GET, "/api/v1/users/bob/presence", None)
+            .await;
+        p["connections"].as_array().is_some_and(|c| c.len() == 1)
+    })
+    .await;
+
+    alice.send(send("three")).await;
+    const EPOCH_1: u64 = 1 << 32;
+    assert_eq!(
+        push_of(bob.recv_skip_acks().await),
+        (EPOCH_1 + 1, json!("three")),
+        "a position of the new epoch, pushed once no node holds the ones skipped"
+    );
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            status(&alice.recv().await.unwrap()).0,
+            SendStatus::Delivered
+        );
+    }
+    let mut c = db.connect().await;
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as("SELECT seq, body FROM messages ORDER BY seq")
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String)> = rows
+        .into_iter()
+        .map(|(s, b)| (s, String::from_utf8(b).unwrap()))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (1, r#"{"text":"one"}"#.into()),
+            (2, r#"{"text":"two"}"#.into()),
+            (EPOCH_1 as i64 + 1, r#"{"text":"three"}"#.into()),
+        ]
+    );
+    let metrics = nodes[0].metrics().await;
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_stream_epoch", &[]),
+        1.0
     );
     stop_all(nodes).await;
     db.drop_database().await;

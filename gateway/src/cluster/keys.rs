@@ -9,6 +9,8 @@ pub(crate) struct Keys {
     /// `{p}:node:`, the prefix of registry records (the Lua scripts append the node id).
     pub(crate) node_prefix: String,
     pub(crate) nodes: String,
+    /// `{p}:epoch`, the stream epoch (see `epochs.rs`).
+    pub(crate) epoch: String,
 }
 
 impl Keys {
@@ -19,6 +21,7 @@ impl Keys {
             my_channel: format!("{prefix}:bus:node:{node_id}"),
             node_prefix: format!("{prefix}:node:"),
             nodes: format!("{prefix}:nodes"),
+            epoch: format!("{prefix}:epoch"),
         }
     }
 

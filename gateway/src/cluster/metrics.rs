@@ -31,6 +31,8 @@ pub const CATALOG: &[(&str, &str)] = &[
     (PRESENCE_LOOKUPS, "counter"),
     (CLUSTER_KICKS, "counter"),
     (CLUSTER_NODES, "gauge"),
+    (super::epochs::metric::EPOCH, "gauge"),
+    (super::epochs::metric::EPOCHS_STARTED, "counter"),
 ];
 
 /// Registers the help texts; call once after installing the recorder.
@@ -79,6 +81,14 @@ pub fn describe() {
     describe_gauge!(
         CLUSTER_NODES,
         "Live nodes in the cluster registry, as last seen by this node."
+    );
+    describe_gauge!(
+        super::epochs::metric::EPOCH,
+        "The stream epoch this node uses: raised when Redis lost its stream counters."
+    );
+    describe_counter!(
+        super::epochs::metric::EPOCHS_STARTED,
+        "Stream epochs this node started (the first of a new cluster, or after Redis lost its data)."
     );
 }
 

@@ -36,10 +36,13 @@
 //! | `{p}:nodes`           | zset    | node ids by start time, to list nodes without SCAN         |
 //! | `{p}:tag:{n}`         | string  | the node instance holding message-id tag `n`, same TTL     |
 //! | `{p}:presence:{user}` | hash    | the user's connections on every node (one field each)      |
+//! | `{p}:seq:{user}`      | string  | the user's stream counter (`streams.rs`), TTL 30 days       |
+//! | `{p}:epoch`           | string  | the stream epoch (`epochs.rs`), no TTL                      |
 
 mod batch;
 pub mod bus;
 mod envelope;
+pub mod epochs;
 pub mod holds;
 mod keys;
 pub mod metrics;
@@ -238,6 +241,10 @@ struct Inner {
     holds: DashMap<u64, mpsc::UnboundedSender<(String, u64)>>,
     /// Stream positions this node has taken and not settled (see `holds.rs`).
     reservations: Arc<holds::Reservations>,
+    /// With Redis: the stream epoch this node names in position calls (see `epochs.rs`).
+    epoch: Arc<epochs::EpochCell>,
+    epoch_sync: tokio::sync::Mutex<()>,
+    epoch_source: std::sync::OnceLock<Arc<dyn epochs::EpochSource>>,
     next_req: AtomicU64,
     metrics: BusMetrics,
     stop: CancellationToken,
@@ -405,11 +412,13 @@ impl Cluster {
             }
         };
 
+        let epoch = Arc::new(epochs::EpochCell::default());
         let positions = redis.as_ref().map(|r| {
             streams::positions(
                 r.bus.client.clone(),
                 r.scripts.clone(),
                 keys.clone(),
+                epoch.clone(),
                 c.routing,
                 stop.clone(),
             )
@@ -427,6 +436,9 @@ impl Cluster {
             pending: DashMap::new(),
             holds: DashMap::new(),
             reservations: Arc::default(),
+            epoch,
+            epoch_sync: tokio::sync::Mutex::new(()),
+            epoch_source: std::sync::OnceLock::new(),
             next_req: AtomicU64::new(1),
             metrics,
             stop: stop.clone(),

@@ -16,6 +16,7 @@ use fred::prelude::{Client, KeysInterface, Value};
 use tokio::time::timeout;
 
 use super::batch::{Batcher, Limits};
+use super::epochs::EpochCell;
 use super::keys::Keys;
 use super::scripts::Scripts;
 use super::{Cluster, ClusterError};
@@ -25,14 +26,19 @@ use crate::config::RoutingMode;
 /// which by then holds every position it handed out.
 pub(crate) const SEQ_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Advances a stream counter. `KEYS[1]` the counter. `ARGV`: TTL in ms, the floor (highest
-/// stored position) or `''` when the caller has not read it. Returns the new position, or -1
-/// when the counter does not exist and no floor was given (the caller reads the floor and calls
-/// again). Two nodes racing to create a counter both end up incrementing the same one.
+/// Advances a stream counter. `KEYS[1]` the counter, `KEYS[2]` the stream epoch. `ARGV`: TTL in
+/// ms, the floor (highest stored position) or `''` when the caller has not read it, the epoch
+/// the caller knows. Returns -2 when that is not the current epoch (the caller learns it and
+/// calls again; see `epochs.rs`), -1 when the counter does not exist and no floor was given
+/// (the caller reads the floor and calls again), else the new position. A counter is created
+/// at the floor or at the epoch's first position, whichever is higher. Two nodes racing to
+/// create a counter both end up incrementing the same one.
 pub(crate) const SEQ_NEXT: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -2 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[2] == '' then return -1 end
-  redis.call('SET', KEYS[1], ARGV[2])
+  local start = math.max(tonumber(ARGV[2]), tonumber(ARGV[3]) * 4294967296)
+  redis.call('SET', KEYS[1], string.format('%.0f', start))
 end
 local v = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -41,13 +47,19 @@ return v
 
 /// Advances the counters of a batch of messages and, under routed routing, reads where each
 /// recipient is connected, in one call. `KEYS`: per message, the recipient's counter and presence
-/// hash. `ARGV`: node key prefix, counter TTL in ms, `nodes` (read presence) or `''`, then per
-/// message its channel type filter (`''` for any). Returns per message `{position, node id...}`
-/// with the distinct live nodes holding the recipient (of the channel type), or `{-1}` when the
-/// counter does not exist (the caller starts it from the database with [`SEQ_NEXT`]).
+/// hash. `ARGV`: node key prefix, counter TTL in ms, `nodes` (read presence) or `''`, the stream
+/// epoch's key, the epoch the caller knows, then per message its channel type filter (`''` for
+/// any). Returns per message `{position, node id...}` with the distinct live nodes holding the
+/// recipient (of the channel type), `{-1}` when the counter does not exist (the caller starts it
+/// from the database with [`SEQ_NEXT`]), or `{-2}` for every message when the epoch is not the
+/// current one (see `epochs.rs`).
 pub(crate) const POSITIONS: &str = r#"
 local ttl, want = ARGV[2], ARGV[3]
 local out = {}
+if redis.call('GET', ARGV[4]) ~= ARGV[5] then
+  for i = 1, #KEYS / 2 do out[i] = {-2} end
+  return out
+end
 for i = 1, #KEYS / 2 do
   local counter, presence = KEYS[2 * i - 1], KEYS[2 * i]
   local item = {-1}
@@ -55,7 +67,7 @@ for i = 1, #KEYS / 2 do
     item[1] = redis.call('INCR', counter)
     redis.call('PEXPIRE', counter, ttl)
     if want == 'nodes' then
-      local channel, seen = ARGV[3 + i], {}
+      local channel, seen = ARGV[5 + i], {}
       for _, x in ipairs(live_entries(presence)) do
         local node = x.entry.node_id
         if (channel == '' or x.entry.channel == channel) and not seen[node] then
@@ -94,6 +106,7 @@ pub(crate) fn positions(
     client: Client,
     scripts: Arc<Scripts>,
     keys: Arc<Keys>,
+    epoch: Arc<EpochCell>,
     routing: RoutingMode,
     stop: tokio_util::sync::CancellationToken,
 ) -> Positions {
@@ -103,13 +116,15 @@ pub(crate) fn positions(
         move |batch: Vec<Wanted>| {
             let n = batch.len();
             let mut key_list = Vec::with_capacity(2 * n);
-            let mut args = Vec::with_capacity(3 + n);
+            let mut args = Vec::with_capacity(5 + n);
             args.push(keys.node_prefix.clone());
             args.push(SEQ_TTL.as_millis().to_string());
             args.push(match routing {
                 RoutingMode::Routed => "nodes".to_owned(),
                 RoutingMode::Broadcast => String::new(),
             });
+            args.push(keys.epoch.clone());
+            args.push(epoch.arg());
             for w in batch {
                 key_list.push(keys.seq(&w.user));
                 key_list.push(keys.presence(&w.user));
@@ -195,17 +210,32 @@ impl Cluster {
         if !redis.bus.commands_up() {
             return Err(ClusterError::Unavailable);
         }
-        let wanted = Wanted {
-            user: user.to_owned(),
-            channel: channel.map(str::to_owned),
+        let call = || {
+            let wanted = Wanted {
+                user: user.to_owned(),
+                channel: channel.map(str::to_owned),
+            };
+            let seen = inner.epoch.arg();
+            async move {
+                let found = timeout(inner.request_timeout, positions.call(wanted))
+                    .await
+                    .map_err(|_| {
+                        tracing::debug!("stream position: no answer within the request timeout");
+                        ClusterError::Unavailable
+                    })?
+                    .ok_or(ClusterError::Unavailable)??;
+                Ok::<_, ClusterError>((found, seen))
+            }
         };
-        let (seq, nodes) = timeout(inner.request_timeout, positions.call(wanted))
-            .await
-            .map_err(|_| {
-                tracing::debug!("stream position: no answer within the request timeout");
-                ClusterError::Unavailable
-            })?
-            .ok_or(ClusterError::Unavailable)??;
+        let ((mut seq, mut nodes), seen) = call().await?;
+        if seq == -2 {
+            // Not the current stream epoch (or not known yet): learn it, and ask again.
+            inner.sync_epoch(redis, seen).await?;
+            (seq, nodes) = call().await?.0;
+            if seq == -2 {
+                return Err(ClusterError::Unavailable);
+            }
+        }
         if seq < 0 {
             // A new (or expired) counter: start it from the database.
             let seq = self.next_seq(user, floor).await?;
@@ -250,17 +280,17 @@ impl Cluster {
             tracing::debug!("stream counter: Redis commands are down");
             return Err(ClusterError::Unavailable);
         }
-        let key = inner.keys.seq(user);
+        let keys = vec![inner.keys.seq(user), inner.keys.epoch.clone()];
         let ttl = SEQ_TTL.as_millis().to_string();
         let run = |floor: String| {
-            let (key, ttl) = (key.clone(), ttl.clone());
+            let (keys, ttl, epoch) = (keys.clone(), ttl.clone(), inner.epoch.arg());
             async move {
                 let reply = timeout(
                     inner.request_timeout,
                     redis
                         .scripts
                         .seq_next
-                        .run(&redis.bus.client, vec![key], vec![ttl, floor]),
+                        .run(&redis.bus.client, keys, vec![ttl, floor, epoch]),
                 )
                 .await
                 .map_err(|_| {
@@ -279,13 +309,27 @@ impl Cluster {
                 }
             }
         };
-        match run(String::new()).await? {
-            -1 => {
-                let floor = floor().await?;
-                let n = run(floor.to_string()).await?;
-                u64::try_from(n).map_err(|_| ClusterError::Redis("negative position".into()))
+        // Each refusal of the epoch is followed by learning it; a second one in a row means
+        // that the epoch is changing under us: give up for now.
+        let mut floor = Some(floor);
+        let mut arg = String::new();
+        let mut refusals = 0;
+        loop {
+            let seen = inner.epoch.arg();
+            match run(arg.clone()).await? {
+                -2 if refusals == 0 => {
+                    refusals += 1;
+                    inner.sync_epoch(redis, seen).await?;
+                }
+                -1 if arg.is_empty() => match floor.take() {
+                    Some(read) => arg = read().await?.to_string(),
+                    None => return Err(ClusterError::Unavailable),
+                },
+                n => {
+                    return u64::try_from(n)
+                        .map_err(|_| ClusterError::Redis(format!("bad position {n}")))
+                }
             }
-            n => u64::try_from(n).map_err(|_| ClusterError::Redis("negative position".into())),
         }
     }
 

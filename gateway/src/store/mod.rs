@@ -417,6 +417,8 @@ pub struct Store {
 struct Inner {
     dialect: Dialect,
     reads: AnyPool,
+    /// For writes outside the writer's batches, which happen rarely (stream epochs).
+    rare_writes: AnyPool,
     queries: Queries,
     queue: mpsc::Sender<Row>,
     shared: Arc<Shared>,
@@ -469,9 +471,9 @@ impl Store {
         };
         setup::migrate(&migration_pool, dialect).await?;
         let limits = setup::limits(&migration_pool, dialect).await?;
-        if !memory {
-            migration_pool.close().await;
-        }
+        // Kept for the rare writes outside the writer (stream epochs); its connection closes
+        // when idle.
+        let rare_writes = migration_pool;
 
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -507,6 +509,7 @@ impl Store {
             inner: Arc::new(Inner {
                 dialect,
                 reads,
+                rare_writes,
                 queries: Queries::new(dialect),
                 queue,
                 shared,
@@ -735,6 +738,26 @@ impl Store {
         }
         self.page(&self.inner.queries.stream, user, from, limit)
             .await
+    }
+
+    /// Raises the stream epoch and returns it: 0 the first time (a new cluster), one more than
+    /// the last one returned afterwards. Never returns a value twice, whatever happened to
+    /// Redis in between (see `cluster::epochs`).
+    pub async fn next_stream_epoch(&self) -> Result<u64, StoreError> {
+        let pool = &self.inner.rare_writes;
+        let insert = match self.inner.dialect {
+            Dialect::MySql => "INSERT IGNORE INTO stream_epoch (id, epoch) VALUES (1, -1)",
+            Dialect::Sqlite => "INSERT OR IGNORE INTO stream_epoch (id, epoch) VALUES (1, -1)",
+        };
+        sqlx::query(insert).execute(pool).await?;
+        sqlx::query("UPDATE stream_epoch SET epoch = epoch + 1 WHERE id = 1")
+            .execute(pool)
+            .await?;
+        let row = sqlx::query("SELECT epoch FROM stream_epoch WHERE id = 1")
+            .fetch_one(pool)
+            .await?;
+        let epoch: i64 = row.try_get(0)?;
+        u64::try_from(epoch).map_err(|_| StoreError::Config(format!("bad stream epoch {epoch}")))
     }
 
     /// The highest committed position of `user`'s stream; 0 when the user has no message.
