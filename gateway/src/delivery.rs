@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use imgate_shared::protocol::encode_push;
+use imgate_shared::protocol::{encode_push, PushFields};
 use imgate_shared::{MessageId, ServerFrame};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -553,15 +553,16 @@ fn encode_stored(row: &StoredMessage) -> Bytes {
         // Not JSON (cannot come from the gateway): deliver it as a JSON string.
         serde_json::value::to_raw_value(&row.body).expect("a string serialises")
     });
-    encode_push(
-        row.id,
-        Some(row.seq),
-        row.sender.as_deref(),
-        &row.recipient,
-        row.channel.as_deref(),
-        &body,
-        row.created_at_ms,
-    )
+    encode_push(&PushFields {
+        id: row.id,
+        seq: Some(row.seq),
+        from: row.sender.as_deref(),
+        to: &row.recipient,
+        channel: row.channel.as_deref(),
+        client_msg_id: row.client_msg_id.as_deref(),
+        body: &body,
+        ts: row.created_at_ms,
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use imgate_shared::protocol::{encode_push, Body, ErrorCode, MAX_ID_LEN};
+use imgate_shared::protocol::{encode_push, Body, ErrorCode, PushFields, MAX_ID_LEN};
 use imgate_shared::{KickReason, MessageId, SendStatus};
 
 use crate::auth::unix_millis;
@@ -295,15 +295,16 @@ impl Router {
             id: msg.id,
             seq: row.seq,
         };
-        let payload = encode_push(
-            msg.id,
-            Some(row.seq),
-            msg.from.as_deref(),
-            &msg.to,
-            msg.channel.as_deref(),
-            msg.body.as_raw(),
-            msg.ts_ms,
-        );
+        let payload = encode_push(&PushFields {
+            id: msg.id,
+            seq: Some(row.seq),
+            from: msg.from.as_deref(),
+            to: &msg.to,
+            channel: msg.channel.as_deref(),
+            client_msg_id: msg.client_msg_id.as_deref(),
+            body: msg.body.as_raw(),
+            ts: msg.ts_ms,
+        });
         let local = self.registry.deliver(
             &msg.to,
             msg.channel.as_deref(),
@@ -393,15 +394,16 @@ impl Router {
         body: &Body,
     ) -> (MessageId, usize) {
         let id = self.next_id();
-        let payload = encode_push(
+        let payload = encode_push(&PushFields {
             id,
-            None,
+            seq: None,
             from,
-            BROADCAST_TO,
+            to: BROADCAST_TO,
             channel,
-            body.as_raw(),
-            unix_millis(),
-        );
+            client_msg_id: None,
+            body: body.as_raw(),
+            ts: unix_millis(),
+        });
         let mut reached = self.registry.broadcast(channel, &payload);
         if self.cluster.is_clustered() {
             reached += self

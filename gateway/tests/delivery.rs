@@ -85,9 +85,14 @@ async fn push_id_matches_the_receipt_and_body_passes_through_untouched() {
     };
     match bob.recv().await {
         Some(ServerFrame::Push {
-            id, body: pushed, ..
+            id,
+            body: pushed,
+            client_msg_id,
+            ..
         }) => {
             assert_eq!(id, receipt_id);
+            // So that a client can tell a resent message from a new one (see protocol.md).
+            assert_eq!(client_msg_id.as_deref(), Some("m1"));
             let (a, b): (serde_json::Value, serde_json::Value) = (
                 serde_json::from_str(pushed.get()).unwrap(),
                 serde_json::from_str(body).unwrap(),

@@ -130,8 +130,15 @@ async fn an_offline_user_gets_200_messages_in_order_at_login_within_the_window()
 
     let (mut bob, result) = login_device(&node, "bob", "phone", None).await;
     assert_eq!(session_of(&result).2, 0, "a new device starts at 0");
+    // Replayed pushes carry the sender's client message id, as live ones do.
+    match bob.recv_skip_acks().await {
+        Some(ServerFrame::Push {
+            seq, client_msg_id, ..
+        }) => assert_eq!((seq, client_msg_id.as_deref()), (Some(1), Some("m0"))),
+        other => panic!("expected a push, got {other:?}"),
+    }
     // Without acknowledgements the server stops at the window.
-    for expected in 1..=16 {
+    for expected in 2..=16 {
         let (_, seq, n) = next_push(&mut bob).await;
         assert_eq!((seq, n), (expected, expected - 1));
     }

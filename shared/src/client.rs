@@ -159,6 +159,8 @@ pub struct Message {
     pub from: Option<String>,
     pub to: String,
     pub channel: Option<String>,
+    /// The sender's id for the message, if it gave one.
+    pub client_msg_id: Option<String>,
     pub body: Body,
     pub ts: u64,
 }
@@ -316,28 +318,34 @@ struct PendingSend {
 }
 
 /// Remembers recently delivered message ids to drop duplicates.
-struct SeenIds {
-    set: HashSet<MessageId>,
-    order: VecDeque<MessageId>,
+struct Seen<K> {
+    set: HashSet<K>,
+    order: VecDeque<K>,
     cap: usize,
 }
 
-impl SeenIds {
+type SeenIds = Seen<MessageId>;
+
+impl<K: std::hash::Hash + Eq + Clone> Seen<K> {
     fn new(cap: usize) -> Self {
-        SeenIds {
+        Seen {
             set: HashSet::new(),
             order: VecDeque::new(),
             cap,
         }
     }
 
-    fn contains(&self, id: MessageId) -> bool {
-        self.set.contains(&id)
+    fn contains<Q>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.set.contains(key)
     }
 
     /// `true` the first time `id` is seen.
-    fn first_time(&mut self, id: MessageId) -> bool {
-        if !self.set.insert(id) {
+    fn first_time(&mut self, id: K) -> bool {
+        if !self.set.insert(id.clone()) {
             return false;
         }
         self.order.push_back(id);
@@ -361,6 +369,10 @@ struct Inbox {
     since_ack: u32,
     /// Broadcasts already handed over.
     seen: SeenIds,
+    /// (sender, client message id) of the stream messages handed over most recently: a message
+    /// resent after its node crashed before storing it comes again under another id and
+    /// position, and is not handed over twice.
+    sent: Seen<(String, String)>,
 }
 
 impl Inbox {
@@ -370,6 +382,7 @@ impl Inbox {
             ack_pending: false,
             since_ack: 0,
             seen: SeenIds::new(seen_cap),
+            sent: Seen::new(seen_cap),
         }
     }
 
@@ -383,24 +396,37 @@ impl Inbox {
 
     /// Whether a push is new to the application. A stream duplicate is to be acknowledged again
     /// (the server resent it because it missed the ack); a broadcast duplicate is just dropped.
-    fn is_new(&mut self, id: MessageId, seq: Option<u64>) -> bool {
+    /// A stream message at a new position whose (sender, client message id) `sent_as` was
+    /// handed over already is a resent copy (its first copy was pushed and never stored): its
+    /// position is taken and acknowledged, and it is not handed over again.
+    fn is_new(&mut self, id: MessageId, seq: Option<u64>, sent_as: Option<(&str, &str)>) -> bool {
         match seq {
             Some(seq) if seq <= self.last_seq => {
                 self.ack_pending |= self.last_seq > 0;
                 false
             }
-            Some(_) => true,
-            None => !self.seen.contains(id),
+            Some(seq) => match sent_as {
+                Some((from, cmid)) if self.sent.contains(&(from.to_owned(), cmid.to_owned())) => {
+                    self.last_seq = seq;
+                    self.ack_pending = true;
+                    false
+                }
+                _ => true,
+            },
+            None => !self.seen.contains(&id),
         }
     }
 
     /// A push that [`Inbox::is_new`] accepted was handed to the application.
-    fn delivered(&mut self, id: MessageId, seq: Option<u64>) {
+    fn delivered(&mut self, id: MessageId, seq: Option<u64>, sent_as: Option<(&str, &str)>) {
         match seq {
             Some(seq) => {
                 self.last_seq = self.last_seq.max(seq);
                 self.ack_pending = true;
                 self.since_ack += 1;
+                if let Some((from, cmid)) = sent_as {
+                    self.sent.first_time((from.to_owned(), cmid.to_owned()));
+                }
             }
             None => {
                 self.seen.first_time(id);
@@ -887,10 +913,13 @@ async fn on_frame(
             from,
             to,
             channel,
+            client_msg_id,
             body,
             ts,
         } => {
-            if !state.inbox.is_new(id, seq) {
+            let sent_as = from.clone().zip(client_msg_id.clone());
+            let sent_as_ref = sent_as.as_ref().map(|(f, c)| (f.as_str(), c.as_str()));
+            if !state.inbox.is_new(id, seq, sent_as_ref) {
                 return Ok(());
             }
             let message = Message {
@@ -899,11 +928,13 @@ async fn on_frame(
                 from,
                 to,
                 channel,
+                client_msg_id,
                 body,
                 ts,
             };
             emit(state, conn, Event::Message(message)).await?;
-            state.inbox.delivered(id, seq);
+            let sent_as_ref = sent_as.as_ref().map(|(f, c)| (f.as_str(), c.as_str()));
+            state.inbox.delivered(id, seq, sent_as_ref);
             state.publish_last_seq();
             if state.inbox.ack_now() {
                 flush_ack(state, conn).await?;
@@ -1003,11 +1034,45 @@ mod tests {
 
     /// Runs one push through the inbox as the session does; `true` if it reached the application.
     fn receive(inbox: &mut Inbox, id: u64, seq: Option<u64>) -> bool {
-        let new = inbox.is_new(MessageId(id), seq);
+        receive_sent(inbox, id, seq, None)
+    }
+
+    fn receive_sent(
+        inbox: &mut Inbox,
+        id: u64,
+        seq: Option<u64>,
+        sent_as: Option<(&str, &str)>,
+    ) -> bool {
+        let new = inbox.is_new(MessageId(id), seq, sent_as);
         if new {
-            inbox.delivered(MessageId(id), seq);
+            inbox.delivered(MessageId(id), seq, sent_as);
         }
         new
+    }
+
+    /// A message pushed before its commit whose node then crashed is resent by its sender
+    /// and stored under a new id and position: the application gets it once, and the second
+    /// position is acknowledged all the same.
+    #[test]
+    fn a_resent_message_under_a_new_id_and_position_is_handed_over_once() {
+        let mut inbox = Inbox::new(0, 100);
+        inbox.connected(0);
+        assert!(receive_sent(&mut inbox, 1, Some(1), Some(("alice", "m-1"))));
+        assert!(receive_sent(&mut inbox, 2, Some(2), Some(("alice", "m-2"))));
+        assert!(!receive_sent(
+            &mut inbox,
+            9,
+            Some(5),
+            Some(("alice", "m-1"))
+        ));
+        assert_eq!(
+            inbox.take_ack(),
+            Some(5),
+            "its position is taken and acknowledged"
+        );
+        // Same client message id from someone else, or with no sender: a message of its own.
+        assert!(receive_sent(&mut inbox, 10, Some(6), Some(("bob", "m-1"))));
+        assert!(receive_sent(&mut inbox, 11, Some(7), None));
     }
 
     #[test]
@@ -1212,6 +1277,7 @@ mod tests {
             from: Some("bob".into()),
             to: if seq.is_some() { "alice" } else { "*" }.into(),
             channel: None,
+            client_msg_id: None,
             body: Body::from_json(id.to_string()).unwrap(),
             ts: 1,
         }

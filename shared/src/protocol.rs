@@ -431,6 +431,12 @@ pub enum ServerFrame {
         /// The channel type the sender addressed, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         channel: Option<String>,
+        /// The sender's id for the message (its `send`'s `client_msg_id`), if it gave one. A
+        /// message resent after its node crashed before storing it can reach a device twice
+        /// under two ids and positions: a client hands a push to its application only if it has
+        /// not handed one with the same `from` and `client_msg_id` already.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
         body: Body,
         /// When the server accepted the message, milliseconds since the Unix epoch.
         ts: u64,
@@ -467,6 +473,8 @@ impl ServerFrame {
             to: String,
             #[serde(default)]
             channel: Option<String>,
+            #[serde(default)]
+            client_msg_id: Option<String>,
             body: Box<RawValue>,
             ts: u64,
         }
@@ -477,6 +485,7 @@ impl ServerFrame {
             from: f.from,
             to: f.to,
             channel: f.channel,
+            client_msg_id: f.client_msg_id,
             body: Body(f.body),
             ts: f.ts,
         })
@@ -521,15 +530,7 @@ impl ServerFrame {
 
 /// Encodes a `push` frame from borrowed parts — the same JSON as [`ServerFrame::Push`] without
 /// copying the body. The gateway encodes each message once and shares the bytes.
-pub fn encode_push(
-    id: MessageId,
-    seq: Option<u64>,
-    from: Option<&str>,
-    to: &str,
-    channel: Option<&str>,
-    body: &RawValue,
-    ts: u64,
-) -> Bytes {
+pub fn encode_push(push: &PushFields<'_>) -> Bytes {
     #[derive(Serialize)]
     struct Push<'a> {
         #[serde(rename = "type")]
@@ -542,20 +543,36 @@ pub fn encode_push(
         to: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<&'a str>,
         body: &'a RawValue,
         ts: u64,
     }
-    let push = Push {
+    let p = Push {
         kind: "push",
-        id,
-        seq,
-        from,
-        to,
-        channel,
-        body,
-        ts,
+        id: push.id,
+        seq: push.seq,
+        from: push.from,
+        to: push.to,
+        channel: push.channel,
+        client_msg_id: push.client_msg_id,
+        body: push.body,
+        ts: push.ts,
     };
-    Bytes::from(serde_json::to_vec(&push).expect("push frames always serialise"))
+    Bytes::from(serde_json::to_vec(&p).expect("push frames always serialise"))
+}
+
+/// The fields of a `push` frame, for [`encode_push`].
+#[derive(Debug, Clone, Copy)]
+pub struct PushFields<'a> {
+    pub id: MessageId,
+    pub seq: Option<u64>,
+    pub from: Option<&'a str>,
+    pub to: &'a str,
+    pub channel: Option<&'a str>,
+    pub client_msg_id: Option<&'a str>,
+    pub body: &'a RawValue,
+    pub ts: u64,
 }
 
 /// The `type` of a frame, read without parsing the rest.
@@ -748,7 +765,16 @@ mod tests {
             ClientFrame::Heartbeat {}
         ));
         let body = RawValue::from_string("[1.50]".into()).unwrap();
-        let push = encode_push(MessageId(1), Some(4), None, "b", None, &body, 3);
+        let push = encode_push(&PushFields {
+            id: MessageId(1),
+            seq: Some(4),
+            from: None,
+            to: "b",
+            channel: None,
+            client_msg_id: None,
+            body: &body,
+            ts: 3,
+        });
         match ServerFrame::decode(&push).unwrap() {
             ServerFrame::Push { body, .. } => assert_eq!(body.get(), "[1.50]"),
             other => panic!("{other:?}"),
@@ -758,8 +784,22 @@ mod tests {
     #[test]
     fn encode_push_matches_server_frame() {
         let body = RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap();
-        let bytes = encode_push(MessageId(42), Some(9), Some("alice"), "bob", None, &body, 7);
+        let bytes = encode_push(&PushFields {
+            id: MessageId(42),
+            seq: Some(9),
+            from: Some("alice"),
+            to: "bob",
+            channel: None,
+            client_msg_id: Some("c-1"),
+            body: &body,
+            ts: 7,
+        });
         let frame: ServerFrame = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            format!("{frame:?}"),
+            format!("{:?}", ServerFrame::decode(&bytes).unwrap()),
+            "the fast decoder reads the same frame"
+        );
         match frame {
             ServerFrame::Push {
                 id,
@@ -767,6 +807,7 @@ mod tests {
                 from,
                 to,
                 channel,
+                client_msg_id,
                 body,
                 ts,
             } => {
@@ -774,6 +815,7 @@ mod tests {
                     (id, seq, from.as_deref(), to.as_str(), channel, ts),
                     (MessageId(42), Some(9), Some("alice"), "bob", None, 7)
                 );
+                assert_eq!(client_msg_id.as_deref(), Some("c-1"));
                 assert_eq!(body.get(), r#"{"text":"hi"}"#);
             }
             other => panic!("unexpected {other:?}"),
