@@ -246,6 +246,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn render_metrics(State(node): State<Arc<Node>>) -> Response {
+    node.refresh_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         node.prometheus.render(),

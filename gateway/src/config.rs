@@ -202,6 +202,33 @@ pub struct ClientSettings {
     pub ws_read_buffer: usize,
     /// WebSocket write buffer per connection, in bytes.
     pub ws_write_buffer: usize,
+    /// Most payload bytes one connection may hold queued in the node's memory: its outbox, its
+    /// stream pushes awaiting acknowledgement or their turn, and frames being written. Beyond it
+    /// a stream push is dropped from memory (it is stored, and read back from the database when
+    /// the connection has room) and any other push kicks the connection as a slow consumer.
+    pub max_queued_bytes: usize,
+    /// Most payload bytes all connections of the node together may hold queued. Beyond it,
+    /// only connections with nothing queued take new pushes in memory; the others are treated
+    /// as if they were past `max_queued_bytes`.
+    pub max_queued_bytes_total: usize,
+    /// Sends per second one connection may make (a token bucket refilled at this rate); 0
+    /// means no limit. A send beyond it is refused with `RATE_LIMITED`.
+    pub send_rate: f64,
+    /// Sends one connection may make at once, above the rate (the bucket's size).
+    pub send_burst: u32,
+    /// Sends per second one user may make over all its connections on this node; 0 means no
+    /// limit.
+    pub user_send_rate: f64,
+    /// Sends one user may make at once over all its connections on this node.
+    pub user_send_burst: u32,
+    /// Logins (and resumes) per second accepted from one source IP address; 0 means no limit.
+    /// An attempt beyond it is refused with `RATE_LIMITED` and the connection closed.
+    pub login_rate: f64,
+    /// Logins one source address may attempt at once, above the rate.
+    pub login_burst: u32,
+    /// Most source addresses whose login rate is tracked at once; when the table is full and
+    /// none of its entries is idle, logins from new addresses are refused with `RATE_LIMITED`.
+    pub login_rate_max_addresses: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +265,9 @@ pub struct ChannelSettings {
     pub duplicate_login: DuplicateLoginPolicy,
     /// Per-channel-type overrides of `duplicate_login`.
     pub duplicate_login_by_type: BTreeMap<String, DuplicateLoginPolicy>,
+    /// Most live connections of one user in the whole cluster (all channel types); a login
+    /// beyond it is refused with `TOO_MANY_CONNECTIONS`. 0 means no limit.
+    pub max_connections_per_user: u32,
 }
 
 impl ChannelSettings {
@@ -325,6 +355,15 @@ impl Default for ClientSettings {
             write_timeout_ms: 10_000,
             ws_read_buffer: 1024,
             ws_write_buffer: 4096,
+            max_queued_bytes: 1024 * 1024,
+            max_queued_bytes_total: 1024 * 1024 * 1024,
+            send_rate: 100.0,
+            send_burst: 200,
+            user_send_rate: 200.0,
+            user_send_burst: 400,
+            login_rate: 20.0,
+            login_burst: 100,
+            login_rate_max_addresses: 100_000,
         }
     }
 }
@@ -346,6 +385,7 @@ impl Default for ChannelSettings {
             types: ["app", "web", "pc"].map(String::from).to_vec(),
             duplicate_login: DuplicateLoginPolicy::KickOld,
             duplicate_login_by_type: BTreeMap::new(),
+            max_connections_per_user: 32,
         }
     }
 }
@@ -451,6 +491,26 @@ impl Settings {
         }
         if self.client.outbox_capacity == 0 || self.client.max_connections == 0 {
             return invalid("client.outbox_capacity and client.max_connections must be positive");
+        }
+        let c = &self.client;
+        if c.max_queued_bytes < 64 * 1024 || c.max_queued_bytes_total < c.max_queued_bytes {
+            return invalid(
+                "client.max_queued_bytes must be at least 65536 and at most client.max_queued_bytes_total",
+            );
+        }
+        for (name, rate, burst) in [
+            ("client.send_rate", c.send_rate, c.send_burst),
+            ("client.user_send_rate", c.user_send_rate, c.user_send_burst),
+            ("client.login_rate", c.login_rate, c.login_burst),
+        ] {
+            if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && burst == 0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be 0 (no limit) or positive with a positive burst"
+                )));
+            }
+        }
+        if c.login_rate_max_addresses == 0 {
+            return invalid("client.login_rate_max_addresses must be positive");
         }
         let url = self.store.url.expose();
         if !(url.starts_with("sqlite:")

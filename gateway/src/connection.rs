@@ -297,6 +297,7 @@ impl Connection {
             hello.device_id.into(),
             self.kind,
             settings.client.outbox_capacity,
+            node.registry().queued().clone(),
         ));
         let (conn, user) = (handle.id, &*handle.user);
         let policy = settings.channels.policy(&handle.channel);
@@ -454,11 +455,17 @@ impl Connection {
         let mut armed = Some(idle_at);
         let mut fetch: Option<(Fetch, PageFuture)> = None;
         let mut out: Vec<Outgoing> = Vec::new();
+        // Payload bytes in `out` that the stream does not hold (broadcasts).
+        let mut writing = 0;
         let close = loop {
+            // What this connection holds in memory, against `client.max_queued_bytes`.
+            handle.set_held_bytes(stream.queued_bytes(), writing);
             if !out.is_empty() {
                 if let Err(close) = self.write_out(Some(&handle), &mut out).await {
                     break close;
                 }
+                writing = 0;
+                handle.set_held_bytes(stream.queued_bytes(), 0);
             }
             if fetch.is_none() {
                 if let Some(f) = stream.fetch(Instant::now()) {
@@ -494,6 +501,7 @@ impl Connection {
                     let now = Instant::now();
                     for o in batch {
                         if o.stamp.seq == 0 {
+                            writing += o.payload.len();
                             out.push(Outgoing { payload: o.payload, accepted: o.accepted, push: true });
                         } else {
                             stream.offer(o, now);
@@ -738,6 +746,7 @@ impl Connection {
             status: delivery.status,
             connections: delivery.connections,
             reason: delivery.reason,
+            retry_after_ms: None,
         };
         let task = match begun {
             // Refused, or a retry answered from the store.

@@ -17,6 +17,10 @@
 //!   write that takes minutes is waited for.
 //! - **Flow control**: at most `window` pushes await acknowledgement; the rest wait in `held`
 //!   (bounded: beyond it they are dropped and read back from the database later).
+//! - **Memory**: the payloads held and awaiting acknowledgement together stay within
+//!   `max_bytes` (`client.max_queued_bytes`; at least one push is always allowed, whatever its
+//!   size). A push beyond it is dropped from memory, as one the connection's outbox had no room
+//!   for ([`Outbound::is_evicted`]); it is stored, and read back once acknowledgements make room.
 //! - **Retransmission**: a push not acknowledged within `ack_timeout` is sent again, at most
 //!   `max_retransmits` times; then the connection is closed ([`AckTimeout`]).
 //! - **Retention**: replayed rows older than the retention are not pushed; the device is told
@@ -37,7 +41,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::config::DeliverySettings;
-use crate::registry::Outbound;
+use crate::registry::{Outbound, QueuedBytes};
 use crate::store::StoredMessage;
 
 /// Metric names of reliable delivery.
@@ -110,10 +114,15 @@ pub struct StreamConfig {
     pub page: u32,
     /// Most positions buffered out of order or beyond the window.
     pub max_held: usize,
+    /// Most payload bytes held and awaiting acknowledgement (`client.max_queued_bytes`).
+    pub max_bytes: usize,
+    /// The node's queued bytes: while they are above `client.max_queued_bytes_total`, only
+    /// streams holding nothing read the database.
+    pub node: Arc<QueuedBytes>,
 }
 
 impl StreamConfig {
-    pub fn new(d: &DeliverySettings) -> Self {
+    pub fn new(d: &DeliverySettings, node: Arc<QueuedBytes>) -> Self {
         StreamConfig {
             window: d.window,
             ack_timeout: Duration::from_millis(d.ack_timeout_ms),
@@ -122,6 +131,8 @@ impl StreamConfig {
             retention: Duration::from_secs(d.retention_secs),
             page: d.window.clamp(16, crate::store::MAX_PAGE as usize) as u32,
             max_held: (d.window * 4).max(1_024),
+            max_bytes: node.per_connection(),
+            node,
         }
     }
 }
@@ -138,6 +149,16 @@ enum Entry {
     Skip,
     /// Older than the retention: reported in an `expired` frame.
     Expired,
+}
+
+impl Entry {
+    /// The payload bytes it holds.
+    fn len(&self) -> usize {
+        match self {
+            Entry::Push { payload, .. } => payload.len(),
+            Entry::Skip | Entry::Expired => 0,
+        }
+    }
 }
 
 /// A frame to write.
@@ -188,6 +209,12 @@ pub struct DeviceStream {
     head: u64,
     held: BTreeMap<u64, Entry>,
     inflight: VecDeque<Inflight>,
+    /// Payload bytes in `held` and in `inflight`.
+    held_bytes: usize,
+    inflight_bytes: usize,
+    /// Pushes were dropped for want of memory: they are read from the database once
+    /// acknowledgements make room (not before, or the same rows would be read again and again).
+    full: bool,
     /// Expired positions not yet reported.
     expired: Option<(u64, u64)>,
     /// Since when `next` has been missing while a later position exists.
@@ -222,6 +249,9 @@ impl DeviceStream {
             head: head.unwrap_or(0).max(cursor),
             held: BTreeMap::new(),
             inflight: VecDeque::new(),
+            held_bytes: 0,
+            inflight_bytes: 0,
+            full: false,
             expired: None,
             gap_since: None,
             fetch_at: (!nothing_to_replay).then_some(now),
@@ -241,6 +271,12 @@ impl DeviceStream {
             .map_or(self.next - 1, |f| f.seq.saturating_sub(1))
     }
 
+    /// Payload bytes this stream holds in memory: pushes waiting for their turn and pushes
+    /// awaiting acknowledgement.
+    pub fn queued_bytes(&self) -> usize {
+        self.held_bytes + self.inflight_bytes
+    }
+
     /// Takes a live push (or skip) of this user's stream.
     pub fn offer(&mut self, out: Outbound, now: Instant) {
         let seq = out.stamp.seq;
@@ -248,6 +284,13 @@ impl DeviceStream {
             return;
         }
         self.head = self.head.max(seq);
+        if out.is_evicted() {
+            // Dropped from memory on its way here: read it from the database.
+            if !self.full {
+                self.fetch_soon(now);
+            }
+            return;
+        }
         let entry = if out.skip {
             Entry::Skip
         } else {
@@ -268,7 +311,7 @@ impl DeviceStream {
             // Keep the lowest positions; the rest are read back from the database later.
             match self.held.last_key_value() {
                 Some((&last, _)) if last > seq => {
-                    self.held.remove(&last);
+                    self.drop_held(last);
                 }
                 _ => {
                     self.fetch_soon(now);
@@ -277,7 +320,33 @@ impl DeviceStream {
             }
             self.fetch_soon(now);
         }
+        // Within the memory budget, keep the lowest positions too. A stream holding nothing
+        // takes any push, so that one larger than the budget still goes out.
+        let len = entry.len();
+        while len > 0
+            && self.queued_bytes() > 0
+            && (self.queued_bytes() + len > self.cfg.max_bytes
+                || self.cfg.node.total() + len > self.cfg.node.node_limit())
+        {
+            match self.held.last_key_value() {
+                Some((&last, _)) if last > seq => self.drop_held(last),
+                _ => {
+                    self.full = true;
+                    return;
+                }
+            }
+            self.full = true;
+        }
+        self.held_bytes += len;
+        self.cfg.node.add(len);
         self.held.insert(seq, entry);
+    }
+
+    fn drop_held(&mut self, seq: u64) {
+        if let Some(entry) = self.held.remove(&seq) {
+            self.held_bytes -= entry.len();
+            self.cfg.node.sub(entry.len());
+        }
     }
 
     fn fetch_soon(&mut self, now: Instant) {
@@ -286,11 +355,7 @@ impl DeviceStream {
 
     /// A database read to start now, if one is due and there is room for what it returns.
     pub fn fetch(&mut self, now: Instant) -> Option<Fetch> {
-        if self.fetching.is_some()
-            || self.fetch_at.is_none_or(|at| at > now)
-            || self.inflight.len() >= self.cfg.window
-            || self.held.len() >= self.cfg.max_held
-        {
+        if self.fetching.is_some() || self.fetch_at.is_none_or(|at| at > now) || !self.can_fetch() {
             return None;
         }
         self.fetch_at = None;
@@ -303,11 +368,35 @@ impl DeviceStream {
                 .gap_since
                 .is_some_and(|since| now >= since + self.cfg.gap_timeout))
         .then(|| (self.next, self.first_known() - 1));
+        // Positions held from `next` on need no reading again.
+        let mut from = self.next;
+        for &seq in self.held.keys() {
+            if seq != from {
+                break;
+            }
+            from += 1;
+        }
         Some(Fetch {
-            from: self.next,
+            from,
             limit: self.cfg.page,
             probe,
         })
+    }
+
+    /// Whether there is room for what a read returns: in the window, in the connection's
+    /// memory budget and, unless the stream holds nothing, in the node's. A read for a missing
+    /// `next` that later held positions wait for always finds room: it displaces them.
+    fn can_fetch(&self) -> bool {
+        let gap_before_held = self
+            .held
+            .first_key_value()
+            .is_some_and(|(&seq, _)| seq > self.next);
+        self.inflight.len() < self.cfg.window
+            && self.inflight_bytes < self.cfg.max_bytes
+            && (gap_before_held
+                || (self.held.len() < self.cfg.max_held
+                    && !self.full
+                    && (self.queued_bytes() == 0 || !self.cfg.node.node_over())))
     }
 
     /// Whether a database read is under way.
@@ -393,15 +482,27 @@ impl DeviceStream {
     /// Acknowledges every push up to `seq` (cumulative) and/or the push `id`. Returns the new
     /// cursor if it moved.
     pub fn ack(&mut self, seq: Option<u64>, id: Option<MessageId>) -> Option<u64> {
+        let before = self.inflight_bytes;
         if let Some(seq) = seq {
             while self.inflight.front().is_some_and(|f| f.seq <= seq) {
-                self.inflight.pop_front();
+                if let Some(f) = self.inflight.pop_front() {
+                    self.inflight_bytes -= f.payload.len();
+                    self.cfg.node.sub(f.payload.len());
+                }
             }
         }
         if let Some(id) = id {
             if let Some(pos) = self.inflight.iter().position(|f| f.id == id) {
-                self.inflight.remove(pos);
+                if let Some(f) = self.inflight.remove(pos) {
+                    self.inflight_bytes -= f.payload.len();
+                    self.cfg.node.sub(f.payload.len());
+                }
             }
+        }
+        if self.full && self.inflight_bytes < before {
+            // Room again: read what was dropped.
+            self.full = false;
+            self.fetch_soon(Instant::now());
         }
         let cursor = self.cursor();
         (cursor > self.cursor).then(|| {
@@ -419,13 +520,25 @@ impl DeviceStream {
             };
             let seq = *entry.key();
             if seq < self.next {
-                entry.remove();
+                let len = entry.remove().len();
+                self.held_bytes -= len;
+                self.cfg.node.sub(len);
                 continue;
             }
             if seq > self.next {
                 break;
             }
-            match entry.remove() {
+            let len = entry.get().len();
+            if len > 0
+                && !self.inflight.is_empty()
+                && self.inflight_bytes + len > self.cfg.max_bytes
+            {
+                // Awaiting acknowledgement already takes the memory budget.
+                break;
+            }
+            let entry = entry.remove();
+            self.held_bytes -= len;
+            match entry {
                 Entry::Push {
                     id,
                     payload,
@@ -442,6 +555,7 @@ impl DeviceStream {
                     });
                     let due = now + self.cfg.ack_timeout;
                     self.retransmit_at = Some(self.retransmit_at.map_or(due, |at| at.min(due)));
+                    self.inflight_bytes += payload.len();
                     self.inflight.push_back(Inflight {
                         seq,
                         id,
@@ -510,9 +624,7 @@ impl DeviceStream {
     pub fn deadline(&self) -> Option<Instant> {
         // A read that cannot start (one is under way, or no room for what it returns) is no
         // deadline: an ack or the read's end makes room, and the connection looks again then.
-        let can_fetch = self.fetching.is_none()
-            && self.inflight.len() < self.cfg.window
-            && self.held.len() < self.cfg.max_held;
+        let can_fetch = self.fetching.is_none() && self.can_fetch();
         let fetch = self.fetch_at.filter(|_| can_fetch);
         match (fetch, self.retransmit_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -544,6 +656,12 @@ impl DeviceStream {
         }
         self.retransmit_at = earliest;
         Ok(())
+    }
+}
+
+impl Drop for DeviceStream {
+    fn drop(&mut self) {
+        self.cfg.node.sub(self.queued_bytes());
     }
 }
 
@@ -580,6 +698,8 @@ mod tests {
             retention: Duration::from_secs(3600),
             page: 100,
             max_held: 8,
+            max_bytes: 1 << 20,
+            node: Arc::default(),
         })
     }
 

@@ -23,6 +23,10 @@ pub const HEARTBEAT_TIMEOUTS: &str = "imgate_heartbeat_timeouts_total";
 pub const PROTOCOL_ERRORS: &str = "imgate_protocol_errors_total";
 pub const ADMIN_REQUESTS: &str = "imgate_admin_requests_total";
 pub const PUSH_LATENCY: &str = "imgate_push_latency_seconds";
+pub const QUEUED_BYTES: &str = "imgate_queued_bytes";
+pub const MEMORY_LIMITED: &str = "imgate_memory_limited_total";
+pub const RATE_LIMITED: &str = "imgate_rate_limited_total";
+pub const RATE_LIMIT_ENTRIES: &str = "imgate_rate_limit_entries";
 
 /// Every metric of the node (gateway, store and cluster) with its kind, as listed in
 /// `docs/metrics.md`.
@@ -51,6 +55,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (PROTOCOL_ERRORS, "counter"),
     (ADMIN_REQUESTS, "counter"),
     (PUSH_LATENCY, "histogram"),
+    (QUEUED_BYTES, "gauge"),
+    (MEMORY_LIMITED, "counter"),
+    (RATE_LIMITED, "counter"),
+    (RATE_LIMIT_ENTRIES, "gauge"),
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -134,6 +142,23 @@ fn describe() {
         PUSH_LATENCY,
         Unit::Seconds,
         "Time from a message being accepted to its PUSH frame being written to a connection."
+    );
+    describe_gauge!(
+        QUEUED_BYTES,
+        Unit::Bytes,
+        "Payload bytes queued in memory for the node's connections: outboxes, device streams (pushes waiting or awaiting acknowledgement) and frames being written."
+    );
+    describe_counter!(
+        MEMORY_LIMITED,
+        "Pushes that met a memory limit, by limit (connection: client.max_queued_bytes, node: client.max_queued_bytes_total) and action (evict: a stored push dropped from memory and read from the database later; kick: the connection was kicked as a slow consumer)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Sends and logins refused with RATE_LIMITED, by limit: connection, user (sends) or address (logins)."
+    );
+    describe_gauge!(
+        RATE_LIMIT_ENTRIES,
+        "Entries in the node's rate-limit tables, by table: user (users with a connection on the node) or address (login source addresses)."
     );
 }
 

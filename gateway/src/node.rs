@@ -61,7 +61,10 @@ impl Node {
                 crate::metrics::gauge_connections(transport, channel, 0.0);
             }
         }
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(crate::registry::QueuedBytes::new(
+            settings.client.max_queued_bytes,
+            settings.client.max_queued_bytes_total,
+        )));
         let store = Store::open(&settings.store).await?;
         let cluster = match Cluster::start(&settings, registry.clone()).await {
             Ok(cluster) => cluster,
@@ -72,9 +75,13 @@ impl Node {
         };
         cluster.set_epoch_source(Arc::new(store.clone()));
         let tag = cluster.node_tag();
+        let streams = Arc::new(crate::delivery::StreamConfig::new(
+            &settings.delivery,
+            registry.queued().clone(),
+        ));
         let router = Router::new(&settings, registry, tag, metrics.clone(), store, cluster);
         Ok(Node {
-            streams: Arc::new(crate::delivery::StreamConfig::new(&settings.delivery)),
+            streams,
             settings,
             auth,
             router,
@@ -135,6 +142,12 @@ impl Node {
             })
             .ok()
             .map(|_| SlotGuard(self.clone()))
+    }
+
+    /// Sets the gauges read from the node's state, before `/metrics` renders them.
+    pub fn refresh_gauges(&self) {
+        ::metrics::gauge!(crate::metrics::QUEUED_BYTES)
+            .set(self.registry().queued().total() as f64);
     }
 
     pub fn open_sockets(&self) -> usize {

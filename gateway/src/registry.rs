@@ -56,6 +56,13 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Whether the push was dropped from memory on its way (the connection held its
+    /// `client.max_queued_bytes`, or the node its total): only its position travels, and the
+    /// connection reads the message from the database.
+    pub fn is_evicted(&self) -> bool {
+        !self.skip && self.stamp.seq != 0 && self.payload.is_empty()
+    }
+
     /// A push outside any stream.
     pub fn unsequenced(payload: Bytes, accepted: Option<Instant>) -> Self {
         Outbound {
@@ -111,6 +118,91 @@ pub enum OfferError {
     Closed,
 }
 
+/// The payload bytes the node holds queued for its connections (outboxes, device streams,
+/// frames being written), and their limits: `client.max_queued_bytes` per connection and
+/// `client.max_queued_bytes_total` for the node.
+#[derive(Debug)]
+pub struct QueuedBytes {
+    total: AtomicUsize,
+    per_connection: usize,
+    node: usize,
+}
+
+/// Which memory limit a push met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    Connection,
+    Node,
+}
+
+impl MemoryLimit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryLimit::Connection => "connection",
+            MemoryLimit::Node => "node",
+        }
+    }
+}
+
+impl QueuedBytes {
+    pub fn new(per_connection: usize, node: usize) -> Self {
+        QueuedBytes {
+            total: AtomicUsize::new(0),
+            per_connection,
+            node,
+        }
+    }
+
+    /// Bytes queued on the node now.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// `client.max_queued_bytes`.
+    pub fn per_connection(&self) -> usize {
+        self.per_connection
+    }
+
+    /// Whether the node holds more than `client.max_queued_bytes_total`.
+    pub fn node_over(&self) -> bool {
+        self.total() > self.node
+    }
+
+    /// `client.max_queued_bytes_total`.
+    pub fn node_limit(&self) -> usize {
+        self.node
+    }
+
+    pub(crate) fn add(&self, n: usize) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(&self, n: usize) {
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Whether `len` more bytes for a connection holding `mine` break a limit. A connection
+    /// holding nothing always takes a frame, so that no frame is too large to go out.
+    pub fn check(&self, mine: usize, len: usize) -> Option<MemoryLimit> {
+        if mine == 0 || len == 0 {
+            None
+        } else if mine + len > self.per_connection {
+            Some(MemoryLimit::Connection)
+        } else if self.total() + len > self.node {
+            Some(MemoryLimit::Node)
+        } else {
+            None
+        }
+    }
+}
+
+impl Default for QueuedBytes {
+    fn default() -> Self {
+        let c = crate::config::ClientSettings::default();
+        QueuedBytes::new(c.max_queued_bytes, c.max_queued_bytes_total)
+    }
+}
+
 /// The bounded queue of frames for one connection: filled without waiting by whoever delivers
 /// to the connection, drained in batches by the connection's task. It holds no allocation while
 /// empty, which is what an idle connection's outbox is.
@@ -119,21 +211,30 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     waker: AtomicWaker,
     capacity: usize,
+    node_bytes: Arc<QueuedBytes>,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Outbound>,
+    /// Payload bytes in `frames`.
+    bytes: usize,
     closed: bool,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, node_bytes: Arc<QueuedBytes>) -> Self {
         Outbox {
             queue: Mutex::default(),
             waker: AtomicWaker::new(),
             capacity,
+            node_bytes,
         }
+    }
+
+    /// Payload bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -150,8 +251,11 @@ impl Outbox {
             return Err(OfferError::Full);
         }
         let was_empty = queue.frames.is_empty();
+        let len = frame.payload.len();
+        queue.bytes += len;
         queue.frames.push_back(frame);
         drop(queue);
+        self.node_bytes.add(len);
         // The task drains the whole queue each time it wakes: only the first frame wakes it.
         if was_empty {
             self.waker.wake();
@@ -171,12 +275,18 @@ impl Outbox {
         if queue.frames.is_empty() {
             return Poll::Pending;
         }
-        Poll::Ready(if queue.frames.len() <= max {
+        let batch: VecDeque<Outbound> = if queue.frames.len() <= max {
             // The whole queue, allocation and all: the outbox is left with none.
             std::mem::take(&mut queue.frames)
         } else {
             queue.frames.drain(..max).collect()
-        })
+        };
+        // From here on the connection's task accounts for them.
+        let len: usize = batch.iter().map(|f| f.payload.len()).sum();
+        queue.bytes -= len;
+        drop(queue);
+        self.node_bytes.sub(len);
+        Poll::Ready(batch)
     }
 
     /// Refuses further frames and drops the queued ones.
@@ -184,6 +294,9 @@ impl Outbox {
         let mut queue = self.lock();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        let len = std::mem::take(&mut queue.bytes);
+        drop(queue);
+        self.node_bytes.sub(len);
     }
 
     /// Frames queued now.
@@ -193,6 +306,19 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        self.set_held_bytes(0, 0);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let len = self.lock().bytes;
+        self.node_bytes.sub(len);
     }
 }
 
@@ -208,6 +334,12 @@ pub struct ConnHandle {
     /// Frames for the connection's task to write.
     pub outbox: Outbox,
     pub control: Control,
+    /// Payload bytes the connection's task holds (its device stream, frames being written),
+    /// as it last said.
+    held: AtomicUsize,
+    /// Of these, the bytes of frames being written that no stream holds (the stream counts
+    /// its own in the node's total).
+    writing: AtomicUsize,
 }
 
 impl ConnHandle {
@@ -217,6 +349,7 @@ impl ConnHandle {
         device_id: Arc<str>,
         transport: TransportKind,
         outbox_capacity: usize,
+        node_bytes: Arc<QueuedBytes>,
     ) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         ConnHandle {
@@ -226,8 +359,27 @@ impl ConnHandle {
             device_id,
             transport,
             connected_at_ms: crate::auth::unix_millis(),
-            outbox: Outbox::new(outbox_capacity),
+            outbox: Outbox::new(outbox_capacity, node_bytes),
             control: Control::default(),
+            held: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
+        }
+    }
+
+    /// Payload bytes queued for this connection: in its outbox and held by its task.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.bytes() + self.held.load(Ordering::Relaxed)
+    }
+
+    /// The connection's task says how many payload bytes it holds now: in its device stream
+    /// (which counts them in the node's total itself) and in frames being written.
+    pub fn set_held_bytes(&self, stream: usize, writing: usize) {
+        self.held.store(stream + writing, Ordering::Relaxed);
+        let old = self.writing.swap(writing, Ordering::Relaxed);
+        if writing > old {
+            self.outbox.node_bytes.add(writing - old);
+        } else if old > writing {
+            self.outbox.node_bytes.sub(old - writing);
         }
     }
 
@@ -244,8 +396,26 @@ impl ConnHandle {
     }
 
     /// Queues a frame without waiting. A full outbox means the client does not read fast enough:
-    /// the connection is kicked as a slow consumer and `false` returned.
-    pub fn offer(&self, frame: Outbound) -> bool {
+    /// the connection is kicked as a slow consumer and `false` returned. So does a push past the
+    /// memory limits (`client.max_queued_bytes`, `client.max_queued_bytes_total`), unless it is
+    /// a stream push: that one is stored, so it is dropped from memory, and the connection reads
+    /// it from the database when it has room.
+    pub fn offer(&self, mut frame: Outbound) -> bool {
+        if let Some(limit) = self
+            .outbox
+            .node_bytes
+            .check(self.queued_bytes(), frame.payload.len())
+        {
+            if frame.stamp.seq == 0 || frame.skip {
+                metrics::counter!(crate::metrics::MEMORY_LIMITED, "limit" => limit.as_str(), "action" => "kick")
+                    .increment(1);
+                self.control.kick(KickReason::SlowConsumer);
+                return false;
+            }
+            metrics::counter!(crate::metrics::MEMORY_LIMITED, "limit" => limit.as_str(), "action" => "evict")
+                .increment(1);
+            frame.payload = Bytes::new();
+        }
         match self.outbox.offer(frame) {
             Ok(()) => true,
             Err(OfferError::Full) => {
@@ -268,9 +438,23 @@ pub enum RegisterError {
 pub struct Registry {
     users: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
     connections: AtomicUsize,
+    /// Payload bytes queued for the connections, and their limits.
+    queued: Arc<QueuedBytes>,
 }
 
 impl Registry {
+    pub fn new(queued: QueuedBytes) -> Self {
+        Registry {
+            queued: Arc::new(queued),
+            ..Registry::default()
+        }
+    }
+
+    /// The node's queued bytes and their limits, shared with every connection.
+    pub fn queued(&self) -> &Arc<QueuedBytes> {
+        &self.queued
+    }
+
     /// Adds `conn`, applying `policy` to connections of the same user and channel type. Returns the
     /// connections it displaced; the caller kicks them.
     pub fn register(
@@ -472,6 +656,7 @@ mod tests {
             "d".into(),
             TransportKind::Tcp,
             1,
+            Arc::default(),
         ))
     }
 
@@ -548,7 +733,7 @@ mod tests {
 
     #[test]
     fn outbox_drains_in_order_and_keeps_no_buffer_while_empty() {
-        let outbox = Outbox::new(8);
+        let outbox = Outbox::new(8, Arc::default());
         let flag = Arc::new(Flag::default());
         let waker = futures_util::task::waker(flag.clone());
         let mut cx = Context::from_waker(&waker);

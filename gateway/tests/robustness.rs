@@ -123,6 +123,7 @@ async fn malformed_frames_get_an_error_and_the_connection_stays() {
                     error: ErrorCode::BadFrame,
                     code: 1000,
                     message,
+                    ..
                 }) => assert!(!message.is_empty()),
                 other => panic!("{other:?}"),
             }
@@ -141,6 +142,10 @@ async fn a_client_that_stops_reading_is_disconnected_while_others_keep_receiving
     let node = TestNode::start_with(|s| {
         s.client.outbox_capacity = 8;
         s.client.write_timeout_ms = 500;
+        // The frame limits, not the byte limits (which drop stream pushes from memory rather
+        // than kick; see tests/quotas.rs).
+        s.client.max_queued_bytes = 1 << 30;
+        s.client.max_queued_bytes_total = 1 << 30;
     })
     .await;
     // `slow` logs in and then never reads again.

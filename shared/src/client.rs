@@ -954,6 +954,7 @@ async fn on_frame(
             status,
             connections,
             reason,
+            ..
         } => {
             if let Some(p) = state.pending.remove(&client_msg_id) {
                 let _ = p.reply.send(Receipt {
@@ -1675,6 +1676,7 @@ mod tests {
             status: SendStatus::Delivered,
             connections: 0,
             reason: None,
+            retry_after_ms: None,
         })
         .await;
         let receipt = tokio::time::timeout(WAIT, sending)

@@ -273,10 +273,15 @@ pub enum ErrorCode {
     SessionExpired,
     /// RESUME named a session that belongs to another device.
     InvalidDevice,
+    /// Too many sends (of this connection or user) or logins (from this address) in a short
+    /// time; `retry_after_ms` says when to try again.
+    RateLimited,
+    /// The user holds the most connections the cluster allows one user.
+    TooManyConnections,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::LoginRequired,
@@ -294,6 +299,8 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::SessionExpired,
         ErrorCode::InvalidDevice,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyConnections,
     ];
 
     /// The stable numeric code.
@@ -312,6 +319,8 @@ impl ErrorCode {
             ErrorCode::DuplicateLogin => 2005,
             ErrorCode::SessionExpired => 2006,
             ErrorCode::InvalidDevice => 2007,
+            ErrorCode::RateLimited => 4000,
+            ErrorCode::TooManyConnections => 4001,
             ErrorCode::ServerFull => 5000,
             ErrorCode::ShuttingDown => 5001,
             ErrorCode::Internal => 5002,
@@ -335,6 +344,8 @@ impl ErrorCode {
             ErrorCode::DuplicateLogin => "DUPLICATE_LOGIN",
             ErrorCode::SessionExpired => "SESSION_EXPIRED",
             ErrorCode::InvalidDevice => "INVALID_DEVICE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
             ErrorCode::ServerFull => "SERVER_FULL",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Internal => "INTERNAL",
@@ -416,6 +427,9 @@ pub enum ServerFrame {
         /// Why a message was refused.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<ErrorCode>,
+        /// For a refusal `RATE_LIMITED`: milliseconds until a send would be accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// A message for this connection's user.
     Push {
@@ -454,6 +468,9 @@ pub enum ServerFrame {
         code: u16,
         error: ErrorCode,
         message: String,
+        /// For `RATE_LIMITED`: milliseconds until an attempt would be accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -497,6 +514,17 @@ impl ServerFrame {
             code: code.code(),
             error: code,
             message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A `RATE_LIMITED` error frame: try again after `retry_after_ms`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited.code(),
+            error: ErrorCode::RateLimited,
+            message: message.into(),
+            retry_after_ms: Some(retry_after_ms),
         }
     }
 
