@@ -34,8 +34,15 @@ use crate::transport::{self, FrameReader, FrameWriter, ReadError};
 
 /// Most queued frames written in one batch before the socket is flushed.
 const MAX_WRITE_BATCH: usize = 64;
-/// Most sends of one connection awaiting their receipt; beyond it the connection is not read.
+/// Most sends of one connection being processed (awaiting their receipt) at once.
 const MAX_SENDS_IN_FLIGHT: usize = 64;
+/// Most sends of one connection read while [`MAX_SENDS_IN_FLIGHT`] are processed, waiting to
+/// be begun in order. Beyond it a send is refused at once (`RATE_LIMITED`, with a retry hint),
+/// so that the connection is always read: acknowledgements and heartbeats behind a burst of
+/// sends are never held up by it.
+const MAX_DEFERRED_SENDS: usize = 64;
+/// The retry hint of a send refused because its connection has too many sends unanswered.
+const BACKLOG_RETRY_MS: u64 = 100;
 /// A database read of a device stream, running in a task of its own.
 /// A database read of a device stream, and for a probe the number of its positions some node
 /// still holds (see [`Fetch`]).
@@ -73,6 +80,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         writer,
         kind,
         receipts: VecDeque::new(),
+        deferred: VecDeque::new(),
     };
     let close = match Box::pin(conn.login(deadline)).await {
         Ok(bound) => conn.run(bound).await,
@@ -110,6 +118,17 @@ struct Connection {
     /// Receipts of accepted sends, in the order the sends arrived. Each send runs in its own task,
     /// so it completes (delivered and persisted) even if this connection goes away meanwhile.
     receipts: VecDeque<JoinHandle<ServerFrame>>,
+    /// Sends read while [`MAX_SENDS_IN_FLIGHT`] were being processed, in arrival order.
+    deferred: VecDeque<Deferred>,
+}
+
+/// A send waiting for its turn (see [`MAX_DEFERRED_SENDS`]).
+struct Deferred {
+    to: String,
+    channel: Option<String>,
+    client_msg_id: String,
+    body: imgate_shared::protocol::Body,
+    retry: bool,
 }
 
 /// The negotiated heartbeat of a session.
@@ -552,8 +571,13 @@ impl Connection {
                         ServerFrame::error(ErrorCode::Internal, "the message could not be processed")
                     });
                     reply(&mut out, &frame);
+                    // Room for the next waiting sends, in the order they came.
+                    while self.receipts.len() < MAX_SENDS_IN_FLIGHT {
+                        let Some(d) = self.deferred.pop_front() else { break };
+                        Box::pin(self.on_send(&handle, d.to, d.channel, d.client_msg_id, d.body, d.retry)).await;
+                    }
                 }
-                frame = self.reader.next(), if self.receipts.len() < MAX_SENDS_IN_FLIGHT => {
+                frame = self.reader.next() => {
                     last_activity = Instant::now();
                     match frame {
                         None => break Close::PeerClosed,
@@ -678,8 +702,32 @@ impl Connection {
                 body,
                 retry,
             } => {
-                // Boxed: a send's state exists only while a send is being taken.
-                Box::pin(self.on_send(handle, to, channel, client_msg_id, body, retry)).await;
+                if self.receipts.len() < MAX_SENDS_IN_FLIGHT && self.deferred.is_empty() {
+                    // Boxed: a send's state exists only while a send is being taken.
+                    Box::pin(self.on_send(handle, to, channel, client_msg_id, body, retry)).await;
+                } else if self.deferred.len() < MAX_DEFERRED_SENDS {
+                    self.deferred.push_back(Deferred {
+                        to,
+                        channel,
+                        client_msg_id,
+                        body,
+                        retry,
+                    });
+                } else {
+                    // Too many sends unanswered: say no at once rather than stop reading.
+                    ::metrics::counter!(metrics::RATE_LIMITED, "limit" => "backlog").increment(1);
+                    reply(
+                        out,
+                        &ServerFrame::SendResult {
+                            client_msg_id,
+                            id: None,
+                            status: imgate_shared::SendStatus::Refused,
+                            connections: 0,
+                            reason: Some(ErrorCode::RateLimited),
+                            retry_after_ms: Some(BACKLOG_RETRY_MS),
+                        },
+                    );
+                }
                 return None;
             }
             ClientFrame::Ack {

@@ -154,7 +154,7 @@ fn describe() {
     );
     describe_counter!(
         RATE_LIMITED,
-        "Sends and logins refused with RATE_LIMITED, by limit: connection, user (sends) or address (logins)."
+        "Sends and logins refused with RATE_LIMITED, by limit: connection, user, backlog (sends) or address (logins)."
     );
     describe_gauge!(
         RATE_LIMIT_ENTRIES,

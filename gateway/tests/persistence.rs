@@ -612,3 +612,72 @@ async fn a_position_whose_commit_is_slow_is_waited_for_not_skipped() {
     node.stop().await;
     db.drop_database().await;
 }
+
+/// A connection with many sends unanswered (the database is stalled) is still read: its
+/// heartbeats are answered at once, and sends beyond 128 unanswered are refused at once with
+/// a retry hint instead of stopping the reading. The 128 are stored once the stall ends.
+#[tokio::test]
+async fn a_connection_with_many_sends_unanswered_is_still_read() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |_| {}).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    warm_up(&mut alice, "bob").await;
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    for i in 0..138 {
+        alice
+            .send(ClientFrame::Send {
+                to: "bob".into(),
+                channel: None,
+                client_msg_id: format!("burst-{i}"),
+                body: Body::from_value(&i).unwrap(),
+                retry: false,
+            })
+            .await;
+    }
+    alice.send(ClientFrame::Heartbeat {}).await;
+    // The last 10 are refused at once, in order; then the heartbeat is answered, while the
+    // first 128 still wait for the database.
+    for i in 128..138 {
+        match alice.recv().await {
+            Some(ServerFrame::SendResult {
+                client_msg_id,
+                status: SendStatus::Refused,
+                reason: Some(ErrorCode::RateLimited),
+                retry_after_ms: Some(hint),
+                ..
+            }) => {
+                assert_eq!(client_msg_id, format!("burst-{i}"));
+                assert!(hint > 0);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(alice.recv().await, Some(ServerFrame::HeartbeatAck { .. })),
+        "the heartbeat is read and answered behind 128 unanswered sends"
+    );
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    for i in 0..128 {
+        match alice.recv().await {
+            Some(ServerFrame::SendResult {
+                client_msg_id,
+                status: SendStatus::Stored,
+                ..
+            }) => assert_eq!(client_msg_id, format!("burst-{i}")),
+            other => panic!("expected the receipt of burst-{i}, got {other:?}"),
+        }
+    }
+    assert_eq!(db.count().await, 129);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "imgate_rate_limited_total",
+            &["limit=\"backlog\""]
+        ),
+        10.0
+    );
+    node.stop().await;
+    db.drop_database().await;
+}
