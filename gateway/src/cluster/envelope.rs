@@ -70,6 +70,10 @@ pub(crate) enum Envelope<'a> {
         user: Cow<'a, str>,
         generation: u64,
         reason: KickReason,
+        /// The displacing login is a RESUME of the kicked connection's device: the session is
+        /// taken over, not revoked.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keep_session: bool,
     },
     /// The answer to request `req` of node instance `to_instance`: `count` local connections.
     Reply {

@@ -203,7 +203,14 @@ impl Inner {
     }
 
     /// Kicks the connections a kick_old registration displaced, each on its own node.
-    pub(super) async fn kick_displaced(&self, displaced: Vec<StoredEntry>, deadline: Instant) {
+    /// Kicks the connections a registration displaced; those of `keep_device` (the device of a
+    /// RESUME, which takes their session over) keep their session.
+    pub(super) async fn kick_displaced(
+        &self,
+        displaced: Vec<StoredEntry>,
+        keep_device: Option<&str>,
+        deadline: Instant,
+    ) {
         let sends: Vec<(String, Bytes)> = displaced
             .into_iter()
             // Never returned by the script: between our own connections the local registry decides.
@@ -215,6 +222,7 @@ impl Inner {
                     user: e.user_id.as_str().into(),
                     generation: e.generation,
                     reason: KickReason::DuplicateLogin,
+                    keep_session: keep_device == Some(e.device_id.as_str()),
                 }
                 .encode();
                 (self.keys.node_channel(&e.node_id), payload)
@@ -362,10 +370,17 @@ impl Inner {
                 user,
                 generation,
                 reason,
+                keep_session,
             } => {
                 // A kick names one connection of one node instance: a restarted node (new
                 // instance) or a newer connection (new conn id) is never closed by it.
-                if instance == mine && self.local.kick_connection(&user, conn_id, reason) {
+                let kicked = instance == mine
+                    && if keep_session {
+                        self.local.kick_connection_keeping_session(&user, conn_id)
+                    } else {
+                        self.local.kick_connection(&user, conn_id, reason)
+                    };
+                if kicked {
                     self.metrics.kicks_applied.increment(1);
                     debug!(user = %user, conn = conn_id, generation, "kicked: logged in on another node");
                 } else {
