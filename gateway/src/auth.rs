@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use imgate_shared::claims::Claims;
-use imgate_shared::protocol::{ErrorCode, MAX_ID_LEN};
+use imgate_shared::protocol::ErrorCode;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
@@ -134,7 +134,8 @@ impl Authenticator {
         let sub = &data.claims.sub;
         if !crate::router::valid_user_id(sub) {
             return Err(AuthError::Invalid(format!(
-                "sub must be 1 to {MAX_ID_LEN} bytes and not \"*\""
+                "sub must be {} and not \"*\"",
+                crate::router::ID_RULE
             )));
         }
         Ok(data.claims)

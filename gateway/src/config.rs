@@ -441,6 +441,17 @@ impl Settings {
         if self.channels.types.is_empty() {
             return invalid("channels.types must name at least one channel type");
         }
+        if let Some(t) = self
+            .channels
+            .types
+            .iter()
+            .find(|t| !crate::router::valid_id(t))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "channel type {t:?} in channels.types must be {}",
+                crate::router::ID_RULE
+            )));
+        }
         for t in self.channels.duplicate_login_by_type.keys() {
             if !self.channels.types.contains(t) {
                 return Err(ConfigError::Invalid(format!(

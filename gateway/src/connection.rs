@@ -877,7 +877,7 @@ fn check_hello(device_id: &str, heartbeat: Option<HeartbeatRange>) -> Result<(),
     if !valid_id(device_id) {
         return Err(login_failed(
             ErrorCode::InvalidField,
-            "device_id must be 1 to 128 bytes",
+            format!("device_id must be {}", crate::router::ID_RULE),
         ));
     }
     if heartbeat.is_some_and(|hb| hb.min_ms > hb.max_ms) {
