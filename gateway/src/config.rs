@@ -273,6 +273,9 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Longest token lifetime accepted, in seconds, when set: `exp` at most this long after
+    /// `iat` (when the token has one) and after now (plus the leeway).
+    pub max_token_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -361,6 +364,7 @@ impl Default for AuthSettings {
             issuer: None,
             audience: None,
             leeway_secs: 5,
+            max_token_lifetime_secs: None,
         }
     }
 }
@@ -505,6 +509,9 @@ impl Settings {
         if c.key_prefix.is_empty() {
             return invalid("cluster.key_prefix must not be empty");
         }
+        if self.auth.max_token_lifetime_secs == Some(0) {
+            return invalid("auth.max_token_lifetime_secs must be positive when set");
+        }
         match self.auth.algorithm {
             JwtAlgorithm::HS256 if self.auth.public_key_file.is_some() => {
                 invalid("auth.public_key_file needs algorithm RS256 or ES256")
@@ -585,6 +592,19 @@ mod tests {
 
         std::fs::write(&file, "[heartbeat]\nmin_ms = 10\nmax_ms = 5\n").unwrap();
         assert!(Settings::load(Some(&file), serde_json::json!({})).is_err());
+        for bad in [
+            "[auth]\nmax_token_lifetime_secs = 0\n",
+            "[channels]\ntypes = [\"app\", \"we b\"]\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(
+                Settings::load(Some(&file), serde_json::json!({})).is_err(),
+                "{bad}"
+            );
+        }
+        std::fs::write(&file, "[auth]\nmax_token_lifetime_secs = 600\n").unwrap();
+        let s = Settings::load(Some(&file), serde_json::json!({})).unwrap();
+        assert_eq!(s.auth.max_token_lifetime_secs, Some(600));
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -334,3 +334,41 @@ async fn ids_with_control_format_or_space_characters_are_refused_at_login() {
     }
     node.stop().await;
 }
+
+/// With `auth.max_token_lifetime_secs`, a token that lives longer is refused with TOKEN_INVALID
+/// and a message naming the maximum: measured from `iat`, and from now (so that a token without
+/// `iat`, or with a late one, cannot pass).
+#[tokio::test]
+async fn tokens_longer_than_the_maximum_lifetime_are_refused() {
+    let node = TestNode::start_with(|s| s.auth.max_token_lifetime_secs = Some(3600)).await;
+    let t = now();
+    let token = |iat: Option<u64>, exp: u64| {
+        let mut c = claims("alice");
+        c.iat = iat;
+        c.exp = exp;
+        sign(&c, SECRET)
+    };
+    for (iat, exp, what) in [
+        (Some(t), t + 7200, "exp two hours after iat"),
+        (None, t + 7200, "no iat, two hours left"),
+        (Some(t + 5000), t + 7200, "a late iat"),
+        (Some(t - 3600), t + 100, "issued 3700 s before its exp"),
+    ] {
+        let (code, message) = login_refusal(&node, token(iat, exp), "d").await;
+        assert_eq!(code, ErrorCode::TokenInvalid, "{what}");
+        assert!(message.contains("maximum of 3600 s"), "{what}: {message}");
+    }
+    for (iat, exp) in [
+        (Some(t), t + 3600),
+        (None, t + 600),
+        (Some(t - 60), t + 3000),
+    ] {
+        let mut c = Client::connect(&node.tcp()).await;
+        let reply = c.login(&token(iat, exp), "app", None).await;
+        assert!(
+            matches!(reply, ServerFrame::LoginResult { .. }),
+            "{iat:?} {exp}: {reply:?}"
+        );
+    }
+    node.stop().await;
+}
