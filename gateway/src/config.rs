@@ -300,6 +300,11 @@ pub struct LogSettings {
     /// A tracing filter, e.g. `info` or `imgate=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
     pub format: LogFormat,
+    /// Lines one rate-limited warning site (one a client can cause per message or connection)
+    /// may log per `repeat_interval_ms`; the rest are counted and summarised.
+    pub repeat_limit: u32,
+    /// The interval of `repeat_limit`, in milliseconds.
+    pub repeat_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -383,6 +388,8 @@ impl Default for LogSettings {
         LogSettings {
             level: "info".into(),
             format: LogFormat::Text,
+            repeat_limit: 10,
+            repeat_interval_ms: 10_000,
         }
     }
 }
@@ -508,6 +515,9 @@ impl Settings {
         }
         if c.key_prefix.is_empty() {
             return invalid("cluster.key_prefix must not be empty");
+        }
+        if self.log.repeat_limit == 0 || self.log.repeat_interval_ms == 0 {
+            return invalid("log.repeat_limit and log.repeat_interval_ms must be positive");
         }
         if self.auth.max_token_lifetime_secs == Some(0) {
             return invalid("auth.max_token_lifetime_secs must be positive when set");

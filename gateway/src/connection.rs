@@ -19,12 +19,13 @@ use imgate_shared::{ClientFrame, ErrorCode, KickReason, ServerFrame};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::auth::unix_millis;
 use crate::cluster::{RegisterOutcome, Resume, Session, SessionCheck};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
+use crate::logging::esc;
 use crate::metrics;
 use crate::node::{Node, SlotGuard};
 use crate::registry::{ConnHandle, RegisterError};
@@ -49,7 +50,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         match transport::accept(stream, &node.settings.client, deadline).await {
             Ok(t) => t,
             Err(e) => {
-                debug!(%peer, error = %e, "handshake failed");
+                debug!(%peer, error = %esc(&e), "handshake failed");
                 metrics::counter_rejected("bad_handshake");
                 return;
             }
@@ -253,7 +254,7 @@ impl Connection {
                         ));
                     }
                     Err(e) => {
-                        warn!(%peer, error = %e, "cannot check a session");
+                        crate::warn_limited!(%peer, error = %esc(&e), "cannot check a session");
                         return Err(sessions_unavailable());
                     }
                 };
@@ -327,7 +328,7 @@ impl Connection {
                 ));
             }
             Err(e) => {
-                warn!(%peer, conn, user, error = %e, "presence not registered; it is re-registered when the cluster recovers")
+                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "presence not registered; it is re-registered when the cluster recovers")
             }
         }
         // From here on live pushes reach this connection (locally and from other nodes); what
@@ -339,7 +340,7 @@ impl Connection {
         {
             Ok(start) => start,
             Err(e) => {
-                warn!(%peer, conn, user, error = %e, "cannot read the device's cursor");
+                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "cannot read the device's cursor");
                 self.unregister(&handle).await;
                 return Err(login_failed(
                     ErrorCode::Unavailable,
@@ -368,7 +369,7 @@ impl Connection {
                         return Err(session_expired());
                     }
                     Err(e) => {
-                        warn!(%peer, conn, user = ?user, error = %e, "cannot resume a session");
+                        crate::warn_limited!(%peer, conn, user, error = %esc(&e), "cannot resume a session");
                         self.unregister(&handle).await;
                         return Err(sessions_unavailable());
                     }
@@ -382,7 +383,7 @@ impl Connection {
                 };
                 let (ticket, stored) = node.cluster().create_session(&session).await;
                 if let Err(e) = stored {
-                    warn!(%peer, conn, user = ?user, error = %e, "session not stored; a RESUME with it will be refused");
+                    crate::warn_limited!(%peer, conn, user, error = %esc(&e), "session not stored; a RESUME with it will be refused");
                 }
                 count_session("created");
                 ticket
@@ -398,7 +399,7 @@ impl Connection {
         let head = match node.cluster().stream_head(&handle.user).await {
             Ok(head) => Some(head.unwrap_or(0).max(stored_head)),
             Err(e) => {
-                debug!(%peer, conn, user, error = %e, "stream head unknown; replay reads the database");
+                debug!(%peer, conn, user, error = %esc(&e), "stream head unknown; replay reads the database");
                 None
             }
         };
@@ -451,7 +452,7 @@ impl Connection {
             metrics::gauge_connections(self.kind, &handle.channel, -1.0);
             return Err(close);
         }
-        debug!(%peer, conn, user, transport = self.kind.as_str(), heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
+        debug!(%peer, conn, user, transport = self.kind.as_str(), heartbeat_ms = interval_ms, channel = &*handle.channel, cursor, head, resumed, "logged in");
         Ok(Box::new(Bound {
             handle,
             heartbeat,
@@ -798,7 +799,7 @@ impl Connection {
             Close::Error(code, message) => {
                 farewell(&mut self.writer, ServerFrame::error(code, message)).await
             }
-            Close::Io(error) => debug!(peer = %self.peer, %error, "connection failed"),
+            Close::Io(error) => debug!(peer = %self.peer, error = %esc(error), "connection failed"),
         }
         let _ = timeout(FAREWELL_TIMEOUT, self.writer.close()).await;
     }

@@ -329,7 +329,7 @@ impl DeviceStream {
                 .first_key_value()
                 .map_or(self.head + 1, |(&s, _)| s);
             metrics::counter!(metric::HOLES).increment(to - self.next);
-            tracing::warn!(
+            crate::warn_limited!(
                 from = self.next,
                 to = to - 1,
                 "stream positions skipped: never stored"

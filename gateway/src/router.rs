@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use imgate_shared::protocol::{encode_push, Body, ErrorCode, MAX_ID_LEN};
+
+use crate::logging::esc;
 use imgate_shared::{KickReason, MessageId, SendStatus};
 
 use crate::auth::unix_millis;
@@ -240,7 +242,7 @@ impl Router {
         let stored = match tokio::time::timeout(REPEAT_LOOKUP_TIMEOUT, lookup).await {
             Ok(Ok(stored)) => stored?,
             failed => {
-                tracing::warn!(
+                crate::warn_limited!(
                     ?failed,
                     "cannot look up a retried message; taking it as new"
                 );
@@ -307,7 +309,7 @@ impl Router {
             match tokio::time::timeout(FLOOR_TIMEOUT, read).await {
                 Ok(Ok(Ok(head))) => Ok(head),
                 failed => {
-                    tracing::warn!(?failed, "cannot read the stream head");
+                    crate::warn_limited!(?failed, "cannot read the stream head");
                     Err(crate::cluster::ClusterError::Unavailable)
                 }
             }
@@ -323,7 +325,7 @@ impl Router {
                 p.route
             }
             Err(e) => {
-                tracing::warn!(error = %e, to = %msg.to, "no stream position; message refused");
+                crate::warn_limited!(error = %esc(&e), to = ?msg.to, "no stream position; message refused");
                 return Err(self.refused(ErrorCode::Unavailable));
             }
         };
@@ -403,7 +405,7 @@ impl Router {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, %id, "message not stored");
+                crate::warn_limited!(error = %esc(&e), %id, "message not stored");
                 self.refused(store_error_code(&e))
             }
         }

@@ -667,7 +667,7 @@ impl Cluster {
                 generation,
                 displaced,
             })) => {
-                debug!(user = %conn.user, conn = conn.conn_id, generation, displaced = displaced.len(), "registered in presence");
+                debug!(user = ?conn.user, conn = conn.conn_id, generation, displaced = displaced.len(), "registered in presence");
                 let keep_device = resuming.then_some(conn.device_id.as_str());
                 inner.kick_displaced(displaced, keep_device, deadline).await;
                 Ok(RegisterOutcome::Registered)
@@ -677,7 +677,7 @@ impl Cluster {
                     Ok(Err(e)) => e.to_string(),
                     _ => "timed out".to_owned(),
                 };
-                warn!(%error, user = %conn.user, "presence registration failed; it is written when Redis answers");
+                crate::warn_limited!(error = %crate::logging::esc(&error), user = ?conn.user, "presence registration failed; it is written when Redis answers");
                 redis.presence.owe(conn);
                 Ok(RegisterOutcome::Registered)
             }

@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use imgate_shared::KickReason;
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use super::bus::{split, BusError, BusMessage, Subscription};
 use super::envelope::{push_bytes, raw_push, Envelope};
@@ -244,7 +244,7 @@ impl Inner {
             match r {
                 Ok(_) => self.metrics.kicks_sent.increment(1),
                 Err(e) => {
-                    warn!(error = %e, "publishing a duplicate-login kick failed; retrying");
+                    crate::warn_limited!(error = %e, "publishing a duplicate-login kick failed; retrying");
                     self.owe_kick(send);
                 }
             }
@@ -382,7 +382,7 @@ impl Inner {
                     };
                 if kicked {
                     self.metrics.kicks_applied.increment(1);
-                    debug!(user = %user, conn = conn_id, generation, "kicked: logged in on another node");
+                    debug!(user = ?user, conn = conn_id, generation, "kicked: logged in on another node");
                 } else {
                     self.metrics.kicks_stale.increment(1);
                 }

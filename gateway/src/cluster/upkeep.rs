@@ -86,7 +86,7 @@ impl Inner {
             match redis.presence.restore(&*self.local).await {
                 Ok(displaced) => {
                     for c in displaced {
-                        info!(user = %c.user, conn = c.conn_id, "another node registered this user and channel type while this connection's entry was missing; kicking it (duplicate login)");
+                        info!(user = ?c.user, conn = c.conn_id, "another node registered this user and channel type while this connection's entry was missing; kicking it (duplicate login)");
                         self.local
                             .kick_connection(&c.user, c.conn_id, KickReason::DuplicateLogin);
                     }
