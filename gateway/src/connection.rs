@@ -531,11 +531,11 @@ impl Connection {
                     match rows {
                         Ok(Ok(rows)) => stream.fill(f, rows, now, unix_millis()),
                         Ok(Err(e)) => {
-                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                         Err(e) => {
-                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                     }
@@ -564,7 +564,7 @@ impl Connection {
                 }
                 receipt = next_receipt(&mut self.receipts), if !self.receipts.is_empty() => {
                     let frame = receipt.unwrap_or_else(|e| {
-                        tracing::error!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "send task failed");
+                        tracing::error!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "send task failed");
                         ServerFrame::error(ErrorCode::Internal, "the message could not be processed")
                     });
                     reply(&mut out, &frame);

@@ -172,7 +172,7 @@ pub async fn run(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RunError::Admin(e)),
         Err(e) => {
-            error!(error = %e, "admin task failed");
+            error!(error = %crate::logging::esc(&e), "admin task failed");
             Ok(())
         }
     }
@@ -194,7 +194,7 @@ async fn accept_loop(listener: &TcpListener, node: &Arc<Node>) {
             Err(e) => {
                 // Out of file descriptors or a similar transient failure: back off briefly
                 // instead of spinning.
-                warn_limited!(error = %e, "accept failed");
+                warn_limited!(error = %crate::logging::esc(&e), "accept failed");
                 tokio::select! {
                     _ = node.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}

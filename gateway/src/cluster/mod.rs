@@ -758,7 +758,7 @@ impl Cluster {
                 let cleanup = async {
                     redis.presence.remove_all().await;
                     if let Err(e) = redis.nodes.leave().await {
-                        warn!(error = %e, "removing this node from the registry failed; it expires after node_ttl_ms");
+                        warn!(error = %crate::logging::esc(&e), "removing this node from the registry failed; it expires after node_ttl_ms");
                     }
                 };
                 if tokio::time::timeout(bound, cleanup).await.is_err() {

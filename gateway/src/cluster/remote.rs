@@ -53,7 +53,7 @@ impl Inner {
         match raw_push(push) {
             Ok(raw) => Some(raw),
             Err(e) => {
-                error!(error = %e, "push frame is not JSON; not sent to other nodes");
+                error!(error = %crate::logging::esc(&e), "push frame is not JSON; not sent to other nodes");
                 debug_assert!(false, "push frame is not JSON: {e}");
                 self.metrics.incomplete(kind).increment(1);
                 None
@@ -76,7 +76,7 @@ impl Inner {
                 Some(nodes)
             }
             Ok(Err(e)) => {
-                debug!(error = %e, "presence lookup failed");
+                debug!(error = %crate::logging::esc(&e), "presence lookup failed");
                 None
             }
             Err(_) => None,
@@ -244,7 +244,7 @@ impl Inner {
             match r {
                 Ok(_) => self.metrics.kicks_sent.increment(1),
                 Err(e) => {
-                    crate::warn_limited!(error = %e, "publishing a duplicate-login kick failed; retrying");
+                    crate::warn_limited!(error = %crate::logging::esc(&e), "publishing a duplicate-login kick failed; retrying");
                     self.owe_kick(send);
                 }
             }
@@ -296,7 +296,7 @@ impl Inner {
                 Ok(payload) => self.dispatch_one(&msg.channel, payload),
                 Err(e) => {
                     self.metrics.undecodable.increment(1);
-                    debug!(error = %e, channel = %msg.channel, "undecodable bus message");
+                    debug!(error = %crate::logging::esc(&e), channel = ?msg.channel, "undecodable bus message");
                 }
             }
         }
@@ -307,7 +307,7 @@ impl Inner {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.undecodable.increment(1);
-                debug!(error = %e, %channel, "undecodable bus message");
+                debug!(error = %crate::logging::esc(&e), ?channel, "undecodable bus message");
                 return;
             }
         };

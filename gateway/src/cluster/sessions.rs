@@ -200,7 +200,7 @@ impl Cluster {
     /// client (the `login_result` was not written): the client still holds `id`. Best effort.
     pub async fn unresume_session(&self, ticket: &SessionTicket, id: &str, device: &str) {
         if let Err(e) = self.move_session(&ticket.id, id.to_owned(), device).await {
-            tracing::debug!(error = %e, "session not given back");
+            tracing::debug!(error = %crate::logging::esc(&e), "session not given back");
         }
     }
 
@@ -290,7 +290,7 @@ impl Cluster {
         }
         let del = redis.bus.client.del::<i64, _>(inner.keys.session(id));
         if let Ok(Err(e)) = timeout(inner.request_timeout, del).await {
-            tracing::debug!(error = %e, "session not revoked");
+            tracing::debug!(error = %crate::logging::esc(&e), "session not revoked");
         }
     }
 }
