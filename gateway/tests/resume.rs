@@ -848,3 +848,36 @@ async fn a_resume_on_another_node_that_displaces_the_old_connection_keeps_the_se
     node2.stop().await;
     db.drop_database().await;
 }
+
+/// A RESUME refused `UNAVAILABLE` because the message store cannot be reached (after the session
+/// was found) leaves the session as it was: once the database is back, the same id resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_refused_while_the_store_is_down_resumes_once_it_is_back() {
+    init_tracing();
+    let db = MysqlDb::create().await;
+    let server: std::net::SocketAddr = common::mysql_server_url()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("TEST_MYSQL_URL is mysql://user@ip:port");
+    let proxy = Proxy::start(server).await;
+    let url = db.url.replace(&server.to_string(), &proxy.addr.to_string());
+    let node = TestNode::start_with(|s| s.store.url = imgate::config::Secret::new(url)).await;
+    let (mut old, session) = login_device(&node, "bob", "bob-phone").await;
+    old.conn.close().await.unwrap();
+    drop(old);
+    until_offline(&node, "bob").await;
+
+    proxy.block();
+    for attempt in 0..2 {
+        let c = resume(&node.tcp(), &session, "bob-phone", None).await;
+        expect_refused(c, ErrorCode::Unavailable, &format!("attempt {attempt}")).await;
+    }
+    proxy.unblock();
+    let mut bob = resume(&node.tcp(), &session, "bob-phone", None).await;
+    expect_resumed(&mut bob, &session).await;
+    drop(bob);
+    node.stop().await;
+    db.drop_database().await;
+}
