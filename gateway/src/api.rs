@@ -13,14 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use imgate_shared::protocol::Body;
-use imgate_shared::protocol::MAX_ID_LEN;
 use imgate_shared::{ErrorCode, KickReason, MessageId, SendStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterError, NodeInfo, PresenceEntry};
 use crate::metrics::ADMIN_REQUESTS;
 use crate::node::Node;
-use crate::router::{valid_id, valid_user_id};
+use crate::router::{valid_id, valid_user_id, ID_RULE};
 use crate::store::{StoreError, StoredMessage, MAX_PAGE};
 use futures_util::future::join_all;
 
@@ -317,9 +316,7 @@ fn check_message(
         )));
     }
     if from.is_some_and(|f| !valid_user_id(f)) {
-        return Err(ApiError::bad_request(format!(
-            "from must be 1 to {MAX_ID_LEN} bytes"
-        )));
+        return Err(ApiError::bad_request(format!("from must be {ID_RULE}")));
     }
     if let Some(c) = channel {
         if !node.router.is_channel(c) {
@@ -347,7 +344,7 @@ async fn send_message(
     }
     if let Some(bad) = to.iter().find(|u| !valid_user_id(u)) {
         return Err(ApiError::bad_request(format!(
-            "user id {bad:?} must be 1 to {MAX_ID_LEN} bytes"
+            "user id {bad:?} must be {ID_RULE}"
         )));
     }
     check_message(
@@ -359,7 +356,7 @@ async fn send_message(
     if let Some(c) = &req.client_msg_id {
         if !valid_id(c) {
             return Err(ApiError::bad_request(format!(
-                "client_msg_id must be 1 to {MAX_ID_LEN} bytes"
+                "client_msg_id must be {ID_RULE}"
             )));
         }
     }
@@ -476,9 +473,7 @@ fn check_user(user: &str) -> Result<(), ApiError> {
     if valid_user_id(user) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!(
-            "user id must be 1 to {MAX_ID_LEN} bytes"
-        )))
+        Err(ApiError::bad_request(format!("user id must be {ID_RULE}")))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use imgate_shared::claims::Claims;
-use imgate_shared::protocol::{ErrorCode, MAX_ID_LEN};
+use imgate_shared::protocol::ErrorCode;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
@@ -52,6 +52,10 @@ pub struct Authenticator {
     validation: Validation,
     /// Set only for HS256, where the same secret can mint development tokens.
     encoding: Option<EncodingKey>,
+    /// `auth.max_token_lifetime_secs`.
+    max_lifetime_secs: Option<u64>,
+    /// `auth.leeway_secs`.
+    leeway_secs: u64,
 }
 
 fn algorithm(a: JwtAlgorithm) -> Algorithm {
@@ -116,6 +120,8 @@ impl Authenticator {
             None => validation.validate_aud = false,
         }
         Ok(Authenticator {
+            max_lifetime_secs: auth.max_token_lifetime_secs,
+            leeway_secs: auth.leeway_secs,
             key,
             validation,
             encoding,
@@ -131,19 +137,40 @@ impl Authenticator {
                 _ => AuthError::Invalid(e.to_string()),
             },
         )?;
+        if let Some(max) = self.max_lifetime_secs {
+            let (exp, now) = (data.claims.exp, unix_secs());
+            // Time left bounds a token without `iat`, and one whose `iat` claims it was issued
+            // later than it was.
+            let too_long = exp.saturating_sub(now) > max.saturating_add(self.leeway_secs)
+                || data
+                    .claims
+                    .iat
+                    .is_some_and(|iat| exp.saturating_sub(iat) > max);
+            if too_long {
+                return Err(AuthError::Invalid(format!(
+                    "the token's lifetime exceeds the maximum of {max} s: exp must be at most \
+                     {max} s after iat and after now"
+                )));
+            }
+        }
         let sub = &data.claims.sub;
         if !crate::router::valid_user_id(sub) {
             return Err(AuthError::Invalid(format!(
-                "sub must be 1 to {MAX_ID_LEN} bytes and not \"*\""
+                "sub must be {} and not \"*\"",
+                crate::router::ID_RULE
             )));
         }
         Ok(data.claims)
     }
 
-    /// Mints an HS256 token for `user` valid for `ttl_secs`; `None` unless the algorithm is HS256.
+    /// Mints an HS256 token for `user` valid for `ttl_secs` (at most `auth.max_token_lifetime_secs`);
+    /// `None` unless the algorithm is HS256.
     pub fn mint(&self, user: &str, ttl_secs: u64, settings: &AuthSettings) -> Option<String> {
         let encoding = self.encoding.as_ref()?;
         let now = unix_secs();
+        let ttl_secs = settings
+            .max_token_lifetime_secs
+            .map_or(ttl_secs, |max| ttl_secs.min(max));
         let claims = Claims {
             sub: user.to_owned(),
             exp: now + ttl_secs,

@@ -301,6 +301,9 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Longest token lifetime accepted, in seconds, when set: `exp` at most this long after
+    /// `iat` (when the token has one) and after now (plus the leeway).
+    pub max_token_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,6 +328,11 @@ pub struct LogSettings {
     /// A tracing filter, e.g. `info` or `imgate=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
     pub format: LogFormat,
+    /// Lines one rate-limited warning site (one a client can cause per message or connection)
+    /// may log per `repeat_interval_ms`; the rest are counted and summarised.
+    pub repeat_limit: u32,
+    /// The interval of `repeat_limit`, in milliseconds.
+    pub repeat_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -399,6 +407,7 @@ impl Default for AuthSettings {
             issuer: None,
             audience: None,
             leeway_secs: 5,
+            max_token_lifetime_secs: None,
         }
     }
 }
@@ -417,6 +426,8 @@ impl Default for LogSettings {
         LogSettings {
             level: "info".into(),
             format: LogFormat::Text,
+            repeat_limit: 10,
+            repeat_interval_ms: 10_000,
         }
     }
 }
@@ -478,6 +489,17 @@ impl Settings {
         }
         if self.channels.types.is_empty() {
             return invalid("channels.types must name at least one channel type");
+        }
+        if let Some(t) = self
+            .channels
+            .types
+            .iter()
+            .find(|t| !crate::router::valid_id(t))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "channel type {t:?} in channels.types must be {}",
+                crate::router::ID_RULE
+            )));
         }
         for t in self.channels.duplicate_login_by_type.keys() {
             if !self.channels.types.contains(t) {
@@ -548,6 +570,12 @@ impl Settings {
         }
         if c.key_prefix.is_empty() {
             return invalid("cluster.key_prefix must not be empty");
+        }
+        if self.log.repeat_limit == 0 || self.log.repeat_interval_ms == 0 {
+            return invalid("log.repeat_limit and log.repeat_interval_ms must be positive");
+        }
+        if self.auth.max_token_lifetime_secs == Some(0) {
+            return invalid("auth.max_token_lifetime_secs must be positive when set");
         }
         match self.auth.algorithm {
             JwtAlgorithm::HS256 if self.auth.public_key_file.is_some() => {
@@ -629,6 +657,19 @@ mod tests {
 
         std::fs::write(&file, "[heartbeat]\nmin_ms = 10\nmax_ms = 5\n").unwrap();
         assert!(Settings::load(Some(&file), serde_json::json!({})).is_err());
+        for bad in [
+            "[auth]\nmax_token_lifetime_secs = 0\n",
+            "[channels]\ntypes = [\"app\", \"we b\"]\n",
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(
+                Settings::load(Some(&file), serde_json::json!({})).is_err(),
+                "{bad}"
+            );
+        }
+        std::fs::write(&file, "[auth]\nmax_token_lifetime_secs = 600\n").unwrap();
+        let s = Settings::load(Some(&file), serde_json::json!({})).unwrap();
+        assert_eq!(s.auth.max_token_lifetime_secs, Some(600));
         std::fs::remove_dir_all(&dir).ok();
     }
 

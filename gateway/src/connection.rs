@@ -19,12 +19,13 @@ use imgate_shared::{ClientFrame, ErrorCode, KickReason, ServerFrame};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::auth::unix_millis;
-use crate::cluster::{RegisterOutcome, Resume, Session, SessionTicket};
+use crate::cluster::{RegisterOutcome, Resume, Session, SessionCheck};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
+use crate::logging::esc;
 use crate::metrics;
 use crate::node::{Node, SlotGuard};
 use crate::registry::{ConnHandle, RegisterError};
@@ -58,7 +59,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         match transport::accept(stream, &node.settings.client, deadline).await {
             Ok(t) => t,
             Err(e) => {
-                debug!(%peer, error = %e, "handshake failed");
+                debug!(%peer, error = %esc(&e), "handshake failed");
                 metrics::counter_rejected("bad_handshake");
                 return;
             }
@@ -173,8 +174,8 @@ struct Hello {
     channel: String,
     heartbeat: Option<HeartbeatRange>,
     last_seq: u64,
-    /// Set for a RESUME: the session that replaces the presented one.
-    resumed: Option<SessionTicket>,
+    /// Set for a RESUME: the session presented, replaced once the login is certain.
+    resumed: Option<String>,
 }
 
 impl Connection {
@@ -258,45 +259,39 @@ impl Connection {
                 heartbeat,
             } => {
                 check_hello(&device_id, heartbeat)?;
-                let (session, ticket) =
-                    match node.cluster().resume_session(&session_id, &device_id).await {
-                        Ok(Resume::Resumed { session, ticket }) => (session, ticket),
-                        Ok(Resume::Unknown) => {
-                            count_session("unknown");
-                            return Err(login_failed(
-                                ErrorCode::SessionExpired,
-                                "unknown or expired session; log in",
-                            ));
-                        }
-                        Ok(Resume::WrongDevice) => {
-                            count_session("wrong_device");
-                            return Err(login_failed(
-                                ErrorCode::InvalidDevice,
-                                "the session belongs to another device; log in",
-                            ));
-                        }
-                        Err(e) => {
-                            warn!(%peer, error = %e, "cannot check a session");
-                            return Err(login_failed(
-                                ErrorCode::Unavailable,
-                                "sessions cannot be checked now; retry, or log in",
-                            ));
-                        }
-                    };
+                // Only read here: the session is replaced once the login can no longer be
+                // refused, so that a refused RESUME leaves it to be presented again.
+                let session = match node.cluster().check_session(&session_id, &device_id).await {
+                    Ok(SessionCheck::Valid(session)) => session,
+                    Ok(SessionCheck::Unknown) => {
+                        count_session("unknown");
+                        return Err(session_expired());
+                    }
+                    Ok(SessionCheck::WrongDevice) => {
+                        count_session("wrong_device");
+                        return Err(login_failed(
+                            ErrorCode::InvalidDevice,
+                            "the session belongs to another device; log in",
+                        ));
+                    }
+                    Err(e) => {
+                        crate::warn_limited!(%peer, error = %esc(&e), "cannot check a session");
+                        return Err(sessions_unavailable());
+                    }
+                };
                 if !node.router.is_channel(&session.channel) {
                     return Err(login_failed(
                         ErrorCode::UnknownChannel,
                         "the session's channel type is no longer accepted; log in",
                     ));
                 }
-                count_session("resumed");
                 Hello {
                     user: session.user,
                     device_id,
                     channel: session.channel,
                     heartbeat,
                     last_seq: last_seq.unwrap_or(0),
-                    resumed: Some(ticket),
+                    resumed: Some(session_id),
                 }
             }
             other => {
@@ -320,10 +315,16 @@ impl Connection {
         ));
         let (conn, user) = (handle.id, &*handle.user);
         let policy = settings.channels.policy(&handle.channel);
+        let resuming = hello.resumed.is_some();
         match node.router.registry().register(handle.clone(), policy) {
             Ok(displaced) => {
                 for old in displaced {
-                    old.control.kick(KickReason::DuplicateLogin);
+                    // A RESUME takes the session of its own device's older connection over.
+                    if resuming && old.device_id == handle.device_id {
+                        old.control.kick_keeping_session();
+                    } else {
+                        old.control.kick(KickReason::DuplicateLogin);
+                    }
                 }
             }
             Err(RegisterError::Duplicate) => {
@@ -335,7 +336,11 @@ impl Connection {
             }
         }
         // The same policy across the cluster: older connections on other nodes are kicked there.
-        match node.cluster().register(&handle.presence(), policy).await {
+        match node
+            .cluster()
+            .register_as(&handle.presence(), policy, resuming)
+            .await
+        {
             Ok(RegisterOutcome::Registered) => {}
             Ok(RegisterOutcome::Rejected) => {
                 node.registry().unregister(&handle.user, handle.id);
@@ -345,14 +350,53 @@ impl Connection {
                 ));
             }
             Err(e) => {
-                warn!(%peer, conn, user, error = %e, "presence not registered; it is re-registered when the cluster recovers")
+                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "presence not registered; it is re-registered when the cluster recovers")
             }
         }
         // From here on live pushes reach this connection (locally and from other nodes); what
         // was sent before is in the database, or on its way there, below the stream's head.
+        let (stored_cursor, stored_head) = match node
+            .store()
+            .device_start(&handle.user, &handle.device_id)
+            .await
+        {
+            Ok(start) => start,
+            Err(e) => {
+                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "cannot read the device's cursor");
+                self.unregister(&handle).await;
+                return Err(login_failed(
+                    ErrorCode::Unavailable,
+                    "the message store is unavailable; retry later",
+                ));
+            }
+        };
+        // Nothing can refuse the login any more: the session is created, or the presented one
+        // replaced (used up) now.
         let resumed = hello.resumed.is_some();
-        let ticket = match hello.resumed {
-            Some(ticket) => ticket,
+        let ticket = match &hello.resumed {
+            Some(presented) => {
+                match node
+                    .cluster()
+                    .resume_session(presented, &handle.device_id)
+                    .await
+                {
+                    Ok(Resume::Resumed { ticket, .. }) => {
+                        count_session("resumed");
+                        ticket
+                    }
+                    Ok(Resume::Unknown | Resume::WrongDevice) => {
+                        // Taken by a concurrent RESUME, revoked or expired since it was read.
+                        count_session("unknown");
+                        self.unregister(&handle).await;
+                        return Err(session_expired());
+                    }
+                    Err(e) => {
+                        crate::warn_limited!(%peer, conn, user, error = %esc(&e), "cannot resume a session");
+                        self.unregister(&handle).await;
+                        return Err(sessions_unavailable());
+                    }
+                }
+            }
             None => {
                 let session = Session {
                     user: handle.user.to_string(),
@@ -361,25 +405,10 @@ impl Connection {
                 };
                 let (ticket, stored) = node.cluster().create_session(&session).await;
                 if let Err(e) = stored {
-                    warn!(%peer, conn, user, error = %e, "session not stored; a RESUME with it will be refused");
+                    crate::warn_limited!(%peer, conn, user, error = %esc(&e), "session not stored; a RESUME with it will be refused");
                 }
                 count_session("created");
                 ticket
-            }
-        };
-        let (stored_cursor, stored_head) = match node
-            .store()
-            .device_start(&handle.user, &handle.device_id)
-            .await
-        {
-            Ok(start) => start,
-            Err(e) => {
-                warn!(%peer, conn, user, error = %e, "cannot read the device's cursor");
-                self.unregister(&handle).await;
-                return Err(login_failed(
-                    ErrorCode::Unavailable,
-                    "the message store is unavailable; retry later",
-                ));
             }
         };
         let cursor = stored_cursor.max(hello.last_seq);
@@ -392,7 +421,7 @@ impl Connection {
         let head = match node.cluster().stream_head(&handle.user).await {
             Ok(head) => Some(head.unwrap_or(0).max(stored_head)),
             Err(e) => {
-                debug!(%peer, conn, user, error = %e, "stream head unknown; replay reads the database");
+                debug!(%peer, conn, user, error = %esc(&e), "stream head unknown; replay reads the database");
                 None
             }
         };
@@ -435,11 +464,17 @@ impl Connection {
         // Written even if a newer login displaced this one meanwhile: the client learns that it
         // logged in, then that it was kicked.
         if let Err(close) = self.write_out(None, &mut first).await {
+            if let Some(presented) = &hello.resumed {
+                // The client never learnt the new id: it still holds the one it presented.
+                node.cluster()
+                    .unresume_session(&ticket, presented, &handle.device_id)
+                    .await;
+            }
             self.unregister(&handle).await;
             metrics::gauge_connections(self.kind, &handle.channel, -1.0);
             return Err(close);
         }
-        debug!(%peer, conn, user, transport = self.kind.as_str(), heartbeat_ms = interval_ms, channel = %handle.channel, cursor, head, resumed, "logged in");
+        debug!(%peer, conn, user, transport = self.kind.as_str(), heartbeat_ms = interval_ms, channel = &*handle.channel, cursor, head, resumed, "logged in");
         Ok(Box::new(Bound {
             handle,
             heartbeat,
@@ -534,11 +569,11 @@ impl Connection {
                     match rows {
                         Ok(Ok((rows, holders))) => stream.fill(f, rows, holders, now, unix_millis()),
                         Ok(Err(e)) => {
-                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                         Err(e) => {
-                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "cannot read the stream; trying again");
+                            debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "cannot read the stream; trying again");
                             stream.fetch_failed(now);
                         }
                     }
@@ -567,7 +602,7 @@ impl Connection {
                 }
                 receipt = next_receipt(&mut self.receipts), if !self.receipts.is_empty() => {
                     let frame = receipt.unwrap_or_else(|e| {
-                        tracing::error!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %e, "send task failed");
+                        tracing::error!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "send task failed");
                         ServerFrame::error(ErrorCode::Internal, "the message could not be processed")
                     });
                     reply(&mut out, &frame);
@@ -609,10 +644,12 @@ impl Connection {
         metrics::gauge_connections(self.kind, &handle.channel, -1.0);
         // The session ends with LOGOUT and with kicks that mean "do not come back as this
         // session"; a connection that merely broke (or a node going down) can be resumed.
+        // A RESUME of this device that displaced this connection takes the session over.
         if matches!(
             close,
             Close::Logout | Close::Kick(KickReason::DuplicateLogin | KickReason::Admin)
-        ) {
+        ) && !handle.control.keeps_session()
+        {
             // Boxed, like every once-per-connection call into the cluster.
             Box::pin(node.cluster().revoke_session(&session_id)).await;
         }
@@ -830,7 +867,7 @@ impl Connection {
             Close::Error(code, message) => {
                 farewell(&mut self.writer, ServerFrame::error(code, message)).await
             }
-            Close::Io(error) => debug!(peer = %self.peer, %error, "connection failed"),
+            Close::Io(error) => debug!(peer = %self.peer, error = %esc(error), "connection failed"),
         }
         let _ = timeout(FAREWELL_TIMEOUT, self.writer.close()).await;
     }
@@ -880,6 +917,20 @@ fn login_failed(code: ErrorCode, message: impl Into<String>) -> Close {
     Close::Error(code, message.into())
 }
 
+fn session_expired() -> Close {
+    login_failed(
+        ErrorCode::SessionExpired,
+        "unknown or expired session; log in",
+    )
+}
+
+fn sessions_unavailable() -> Close {
+    login_failed(
+        ErrorCode::Unavailable,
+        "sessions cannot be checked now; retry, or log in",
+    )
+}
+
 fn too_large_message(max: usize) -> String {
     format!("frame longer than the maximum of {max} bytes")
 }
@@ -895,7 +946,7 @@ fn check_hello(device_id: &str, heartbeat: Option<HeartbeatRange>) -> Result<(),
     if !valid_id(device_id) {
         return Err(login_failed(
             ErrorCode::InvalidField,
-            "device_id must be 1 to 128 bytes",
+            format!("device_id must be {}", crate::router::ID_RULE),
         ));
     }
     if heartbeat.is_some_and(|hb| hb.min_ms > hb.max_ms) {

@@ -446,7 +446,7 @@ impl DeviceStream {
             let skip_to = self.first_known().min(to + 1);
             if self.exhausted && self.missing() && self.next >= from && skip_to > self.next {
                 metrics::counter!(metric::HOLES).increment(skip_to - self.next);
-                tracing::warn!(
+                crate::warn_limited!(
                     from = self.next,
                     to = skip_to - 1,
                     "stream positions skipped: never stored"

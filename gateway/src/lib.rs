@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod ids;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod registry;
@@ -86,6 +87,10 @@ pub async fn run(
         }
     }
     let prometheus = metrics::install();
+    logging::configure(
+        settings.log.repeat_limit,
+        Duration::from_millis(settings.log.repeat_interval_ms),
+    );
     warn_about_development_secrets(&settings);
     let grace = Duration::from_millis(settings.shutdown.grace_ms);
     let Listeners { client, admin } = listeners;
@@ -167,7 +172,7 @@ pub async fn run(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RunError::Admin(e)),
         Err(e) => {
-            error!(error = %e, "admin task failed");
+            error!(error = %crate::logging::esc(&e), "admin task failed");
             Ok(())
         }
     }
@@ -189,7 +194,7 @@ async fn accept_loop(listener: &TcpListener, node: &Arc<Node>) {
             Err(e) => {
                 // Out of file descriptors or a similar transient failure: back off briefly
                 // instead of spinning.
-                warn!(error = %e, "accept failed");
+                warn_limited!(error = %crate::logging::esc(&e), "accept failed");
                 tokio::select! {
                     _ = node.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}

@@ -36,6 +36,7 @@ pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
         .chain(crate::store::CATALOG)
         .chain(crate::cluster::metrics::CATALOG)
         .chain(crate::delivery::CATALOG)
+        .chain(crate::logging::CATALOG)
         .copied()
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -81,6 +81,9 @@ impl Outbound {
 #[derive(Debug, Default)]
 pub struct Control {
     reason: OnceLock<KickReason>,
+    /// Set when the connection is displaced by a RESUME of its own device: its session is being
+    /// resumed, so the kick must not revoke it.
+    keep_session: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -89,6 +92,18 @@ impl Control {
     pub fn kick(&self, reason: KickReason) {
         let _ = self.reason.set(reason);
         self.waker.wake();
+    }
+
+    /// Kicks the connection for a duplicate login by a RESUME of the same device, which takes
+    /// over the session: the session is not revoked when the connection ends.
+    pub fn kick_keeping_session(&self) {
+        self.keep_session.store(true, Ordering::Release);
+        self.kick(KickReason::DuplicateLogin);
+    }
+
+    /// Whether a kick left the session to a resume of the same device.
+    pub fn keeps_session(&self) -> bool {
+        self.keep_session.load(Ordering::Acquire)
     }
 
     pub fn reason(&self) -> Option<KickReason> {
@@ -623,6 +638,17 @@ impl crate::cluster::LocalNode for Registry {
         self.for_each_of_user(user, None, |conn| {
             if conn.id == conn_id {
                 conn.control.kick(reason);
+                kicked = true;
+            }
+        });
+        kicked
+    }
+
+    fn kick_connection_keeping_session(&self, user: &str, conn_id: u64) -> bool {
+        let mut kicked = false;
+        self.for_each_of_user(user, None, |conn| {
+            if conn.id == conn_id {
+                conn.control.kick_keeping_session();
                 kicked = true;
             }
         });

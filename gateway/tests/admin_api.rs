@@ -490,3 +490,42 @@ async fn the_admin_port_says_starting_while_the_node_waits_for_its_services() {
         .unwrap()
         .unwrap();
 }
+
+/// User ids and client message ids with control, format or white-space characters get 400 and
+/// a message that says what an id may hold, on every route that takes one.
+#[tokio::test]
+async fn unprintable_ids_get_400_with_the_rule() {
+    let node = TestNode::start().await;
+    let bodies = [
+        json!({"to": "bob\nforged", "body": 1}),
+        json!({"to": ["bob", "eve\u{202e}"], "body": 1}),
+        json!({"to": "bob", "from": "sys\u{0}", "body": 1}),
+        json!({"to": "bob", "client_msg_id": "c\r1", "body": 1}),
+        json!({"to": "bob b", "body": 1}),
+    ];
+    for body in bodies {
+        let (status, reply) = node
+            .admin_json(Method::POST, "/api/v1/messages", Some(body.clone()))
+            .await;
+        assert_eq!(status, 400, "{body} {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(message.contains("without control characters"), "{message}");
+    }
+    for path in [
+        "/api/v1/users/bob%0Aforged/presence",
+        "/api/v1/users/bob%E2%80%AE/messages",
+        "/api/v1/users/bob/messages?peer=a%1B",
+    ] {
+        let (status, reply) = node.admin_json(Method::GET, path, None).await;
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (400, Some("bad_request")),
+            "{path}: {reply}"
+        );
+    }
+    let (status, _) = node
+        .admin_json(Method::DELETE, "/api/v1/users/bob%00/connections", None)
+        .await;
+    assert_eq!(status, 400);
+    node.stop().await;
+}

@@ -322,3 +322,45 @@ async fn reject_new_and_allow_multiple_policies() {
     }
     node.stop().await;
 }
+
+/// A `send` whose `to` or `client_msg_id` holds a control, format or white-space character is
+/// refused with INVALID_FIELD before it gets an id; nothing is stored.
+#[tokio::test]
+async fn a_send_to_an_unprintable_user_id_is_refused() {
+    let node = TestNode::start().await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let cases = [
+        ("bob\n2026-01-01 WARN forged line", "a1"),
+        ("bob\u{202e}", "a2"),
+        ("bob\0", "a3"),
+        ("bob", "id\nwith newline"),
+        ("bob", "id\u{2066}"),
+    ];
+    for (to, client_msg_id) in cases {
+        alice
+            .send(ClientFrame::Send {
+                to: to.into(),
+                channel: None,
+                client_msg_id: client_msg_id.into(),
+                body: Body::from_value(&1).unwrap(),
+                retry: false,
+            })
+            .await;
+        match alice.recv().await {
+            Some(ServerFrame::SendResult {
+                status, id, reason, ..
+            }) => assert_eq!(
+                (status, id, reason),
+                (SendStatus::Refused, None, Some(ErrorCode::InvalidField)),
+                "{to:?} {client_msg_id:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "imgate_messages_total", &["outcome=\"refused\""]),
+        cases.len() as f64
+    );
+    node.stop().await;
+}

@@ -274,3 +274,101 @@ async fn login_twice_on_one_connection_is_an_error_but_keeps_it_open() {
     ));
     node.stop().await;
 }
+
+/// The error a LOGIN with `token` and `device_id` gets: (code, message).
+async fn login_refusal(node: &TestNode, token: String, device_id: &str) -> (ErrorCode, String) {
+    let mut c = Client::connect(&node.tcp()).await;
+    c.send(ClientFrame::Login {
+        token,
+        device_id: device_id.into(),
+        channel: "app".into(),
+        client_version: None,
+        heartbeat: None,
+        last_seq: None,
+    })
+    .await;
+    let refusal = match c.recv().await {
+        Some(ServerFrame::Error { error, message, .. }) => (error, message),
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(c.recv().await.is_none(), "closed after the error");
+    refusal
+}
+
+/// User ids (the token's `sub`) and device ids are printable: control characters (NUL, CR/LF,
+/// ESC), format characters (bidi overrides, zero-width) and white space are refused.
+#[tokio::test]
+async fn ids_with_control_format_or_space_characters_are_refused_at_login() {
+    let node = TestNode::start().await;
+    let bad = [
+        "eve\n2026-01-01T00:00:00Z  INFO admin logged in",
+        "eve\r",
+        "nul\0",
+        "\u{1b}[2Jeve",
+        "evil\u{202e}nimda",
+        "zero\u{200b}width",
+        "two words",
+    ];
+    for id in bad {
+        let (code, message) = login_refusal(&node, sign(&claims(id), SECRET), "d").await;
+        assert_eq!(code, ErrorCode::TokenInvalid, "sub {id:?}");
+        assert!(message.contains("control characters"), "{message}");
+        let (code, message) = login_refusal(&node, node.token("alice"), id).await;
+        assert_eq!(code, ErrorCode::InvalidField, "device_id {id:?}");
+        assert!(message.starts_with("device_id must be"), "{message}");
+    }
+    // Printable non-ASCII ids are fine.
+    let mut c = Client::connect(&node.tcp()).await;
+    c.send(ClientFrame::Login {
+        token: sign(&claims("用户-ü"), SECRET),
+        device_id: "手机".into(),
+        channel: "app".into(),
+        client_version: None,
+        heartbeat: None,
+        last_seq: None,
+    })
+    .await;
+    match c.recv().await {
+        Some(ServerFrame::LoginResult { user_id, .. }) => assert_eq!(user_id, "用户-ü"),
+        other => panic!("{other:?}"),
+    }
+    node.stop().await;
+}
+
+/// With `auth.max_token_lifetime_secs`, a token that lives longer is refused with TOKEN_INVALID
+/// and a message naming the maximum: measured from `iat`, and from now (so that a token without
+/// `iat`, or with a late one, cannot pass).
+#[tokio::test]
+async fn tokens_longer_than_the_maximum_lifetime_are_refused() {
+    let node = TestNode::start_with(|s| s.auth.max_token_lifetime_secs = Some(3600)).await;
+    let t = now();
+    let token = |iat: Option<u64>, exp: u64| {
+        let mut c = claims("alice");
+        c.iat = iat;
+        c.exp = exp;
+        sign(&c, SECRET)
+    };
+    for (iat, exp, what) in [
+        (Some(t), t + 7200, "exp two hours after iat"),
+        (None, t + 7200, "no iat, two hours left"),
+        (Some(t + 5000), t + 7200, "a late iat"),
+        (Some(t - 3600), t + 100, "issued 3700 s before its exp"),
+    ] {
+        let (code, message) = login_refusal(&node, token(iat, exp), "d").await;
+        assert_eq!(code, ErrorCode::TokenInvalid, "{what}");
+        assert!(message.contains("maximum of 3600 s"), "{what}: {message}");
+    }
+    for (iat, exp) in [
+        (Some(t), t + 3600),
+        (None, t + 600),
+        (Some(t - 60), t + 3000),
+    ] {
+        let mut c = Client::connect(&node.tcp()).await;
+        let reply = c.login(&token(iat, exp), "app", None).await;
+        assert!(
+            matches!(reply, ServerFrame::LoginResult { .. }),
+            "{iat:?} {exp}: {reply:?}"
+        );
+    }
+    node.stop().await;
+}

@@ -681,3 +681,203 @@ async fn resume_on_another_node_replays_what_was_missed() {
     node2.stop().await;
     db.drop_database().await;
 }
+
+/// Logs `user` in as `device` on `app` with a raw `login`; returns the client (past its
+/// `caught_up`) and its session id.
+async fn login_device(node: &TestNode, user: &str, device: &str) -> (common::Client, String) {
+    let mut c = common::Client::connect(&node.tcp()).await;
+    c.send(ClientFrame::Login {
+        token: node.token(user),
+        device_id: device.into(),
+        channel: "app".into(),
+        client_version: None,
+        heartbeat: None,
+        last_seq: None,
+    })
+    .await;
+    match c.recv().await {
+        Some(ServerFrame::LoginResult { session_id, .. }) => (c, session_id),
+        other => panic!("login failed: {other:?}"),
+    }
+}
+
+/// Expects a `login_result` of a resumed session; returns its new id.
+async fn expect_resumed(c: &mut common::Client, presented: &str) -> String {
+    match c.recv().await {
+        Some(ServerFrame::LoginResult {
+            session_id,
+            resumed: true,
+            ..
+        }) => {
+            assert_ne!(session_id, presented, "the session id rotates");
+            session_id
+        }
+        other => panic!("expected a resumed login_result, got {other:?}"),
+    }
+}
+
+/// Waits until `user` has no connection in `node`'s view of presence.
+async fn until_offline(node: &TestNode, user: &str) {
+    eventually("the user's connections gone from presence", || async {
+        let (_, p) = node
+            .admin_json(Method::GET, &format!("/api/v1/users/{user}/presence"), None)
+            .await;
+        p["connections"].as_array().is_some_and(|c| c.is_empty())
+    })
+    .await;
+}
+
+/// A RESUME that the node refuses after it found the session (here: `reject_new`, the device's
+/// old connection still being there) uses nothing up: the same session resumes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resume_leaves_the_session_resumable() {
+    init_tracing();
+    let node = TestNode::start_with(|s| {
+        s.channels.duplicate_login = imgate::config::DuplicateLoginPolicy::RejectNew;
+    })
+    .await;
+    let (mut old, session) = login_device(&node, "bob", "bob-phone").await;
+
+    for attempt in 0..3 {
+        let c = resume(&node.tcp(), &session, "bob-phone", None).await;
+        expect_refused(c, ErrorCode::DuplicateLogin, &format!("attempt {attempt}")).await;
+    }
+    old.conn.close().await.unwrap();
+    drop(old);
+    until_offline(&node, "bob").await;
+
+    let mut bob = resume(&node.tcp(), &session, "bob-phone", None).await;
+    expect_resumed(&mut bob, &session).await;
+    drop(bob);
+    node.stop().await;
+}
+
+/// The same across nodes, with sessions in Redis: node 2 refuses the RESUME because node 1 holds
+/// the device's connection, and resumes it once that connection is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_refused_on_one_node_resumes_later_on_it() {
+    init_tracing();
+    let db = MysqlDb::create().await;
+    let prefix = random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let (prefix, url) = (prefix.clone(), db.url.clone());
+        nodes.push(
+            IsolatedNode::start_with(move |s| {
+                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
+                s.channels.duplicate_login = imgate::config::DuplicateLoginPolicy::RejectNew;
+            })
+            .await,
+        );
+    }
+    let (node1, node2) = (&nodes[0], &nodes[1]);
+    let (mut old, session) = login_device(node1, "bob", "bob-phone").await;
+
+    let c = resume(&node2.tcp(), &session, "bob-phone", None).await;
+    expect_refused(c, ErrorCode::DuplicateLogin, "held on node 1").await;
+    old.conn.close().await.unwrap();
+    drop(old);
+    until_offline(node2, "bob").await;
+
+    let mut bob = resume(&node2.tcp(), &session, "bob-phone", None).await;
+    let new = expect_resumed(&mut bob, &session).await;
+    drop(bob);
+    // Used up now, and only now.
+    until_offline(node1, "bob").await;
+    let c = resume(&node1.tcp(), &session, "bob-phone", None).await;
+    expect_refused(c, ErrorCode::SessionExpired, "the used-up id").await;
+    let mut bob = resume(&node1.tcp(), &new, "bob-phone", None).await;
+    expect_resumed(&mut bob, &new).await;
+    drop(bob);
+    for node in nodes {
+        node.stop().await;
+    }
+    db.drop_database().await;
+}
+
+/// Under `kick_old`, a RESUME while the device's old connection is still open (the client saw
+/// the network go before the server did) kicks that connection and takes its session over: the
+/// kick does not revoke the session being resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_displaces_its_own_old_connection_keeps_the_session() {
+    init_tracing();
+    let node = TestNode::start().await;
+    for round in 0..5 {
+        let user = format!("carol{round}");
+        let (mut old, session) = login_device(&node, &user, "carol-phone").await;
+        let mut carol = resume(&node.tcp(), &session, "carol-phone", None).await;
+        let new = expect_resumed(&mut carol, &session).await;
+        let kicked = old.until_closed().await;
+        assert!(
+            kicked.iter().any(|f| matches!(
+                f,
+                ServerFrame::Kick {
+                    reason: imgate_shared::KickReason::DuplicateLogin,
+                    ..
+                }
+            )),
+            "{kicked:?}"
+        );
+        // The new session is live: the broken connection resumes with it.
+        drop(carol);
+        until_offline(&node, &user).await;
+        let mut carol = resume(&node.tcp(), &new, "carol-phone", None).await;
+        expect_resumed(&mut carol, &new).await;
+    }
+    node.stop().await;
+}
+
+/// The same across nodes: node 2's kick of node 1's connection leaves the session to the RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_that_displaces_the_old_connection_keeps_the_session() {
+    init_tracing();
+    let db = MysqlDb::create().await;
+    let (node1, node2) = two_nodes(&db).await;
+    for round in 0..3 {
+        let user = format!("dave{round}");
+        let (mut old, session) = login_device(&node1, &user, "dave-phone").await;
+        let mut dave = resume(&node2.tcp(), &session, "dave-phone", None).await;
+        let new = expect_resumed(&mut dave, &session).await;
+        old.until_closed().await;
+        drop(dave);
+        until_offline(&node1, &user).await;
+        let mut dave = resume(&node1.tcp(), &new, "dave-phone", None).await;
+        expect_resumed(&mut dave, &new).await;
+    }
+    node1.stop().await;
+    node2.stop().await;
+    db.drop_database().await;
+}
+
+/// A RESUME refused `UNAVAILABLE` because the message store cannot be reached (after the session
+/// was found) leaves the session as it was: once the database is back, the same id resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_refused_while_the_store_is_down_resumes_once_it_is_back() {
+    init_tracing();
+    let db = MysqlDb::create().await;
+    let server: std::net::SocketAddr = common::mysql_server_url()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("TEST_MYSQL_URL is mysql://user@ip:port");
+    let proxy = Proxy::start(server).await;
+    let url = db.url.replace(&server.to_string(), &proxy.addr.to_string());
+    let node = TestNode::start_with(|s| s.store.url = imgate::config::Secret::new(url)).await;
+    let (mut old, session) = login_device(&node, "bob", "bob-phone").await;
+    old.conn.close().await.unwrap();
+    drop(old);
+    until_offline(&node, "bob").await;
+
+    proxy.block();
+    for attempt in 0..2 {
+        let c = resume(&node.tcp(), &session, "bob-phone", None).await;
+        expect_refused(c, ErrorCode::Unavailable, &format!("attempt {attempt}")).await;
+    }
+    proxy.unblock();
+    let mut bob = resume(&node.tcp(), &session, "bob-phone", None).await;
+    expect_resumed(&mut bob, &session).await;
+    drop(bob);
+    node.stop().await;
+    db.drop_database().await;
+}

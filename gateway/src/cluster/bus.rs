@@ -288,7 +288,7 @@ impl RedisBus {
                             elapsed.as_millis()
                         ));
                     }
-                    warn!(attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to Redis; retrying");
+                    warn!(attempt, error = %crate::logging::esc(&e), retry_in_ms = delay.as_millis() as u64, "cannot connect to Redis; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return Err("cancelled".into()),
                         _ = tokio::time::sleep(delay.min(opts.connect_timeout.saturating_sub(elapsed))) => {}
@@ -375,7 +375,7 @@ impl RedisBus {
                     e = errors.recv() => match e {
                         Ok((e, _)) => {
                             if up.swap(false, Ordering::AcqRel) {
-                                warn!(error = %e, "Redis command connection lost");
+                                warn!(error = %crate::logging::esc(&e), "Redis command connection lost");
                                 gauge_bus_up(false);
                             }
                         }
@@ -423,7 +423,7 @@ impl RedisBus {
                     e = errors.recv() => match e {
                         Ok((e, _)) => {
                             if up.swap(false, Ordering::AcqRel) {
-                                warn!(error = %e, "Redis subscriber connection lost");
+                                warn!(error = %crate::logging::esc(&e), "Redis subscriber connection lost");
                                 gauge_bus_up(false);
                             }
                         }
@@ -447,7 +447,7 @@ impl RedisBus {
                                 }
                                 Err(e) => {
                                     // Stay down; a forced reconnection brings another attempt.
-                                    warn!(error = %e, "re-subscribing failed; reconnecting");
+                                    warn!(error = %crate::logging::esc(&e), "re-subscribing failed; reconnecting");
                                     let _ = subscriber.force_reconnection().await;
                                 }
                             }
@@ -466,7 +466,7 @@ impl RedisBus {
             warn!("this node's bus channel has no subscriber; reconnecting the subscriber");
             gauge_bus_up(false);
             if let Err(e) = self.subscriber.force_reconnection().await {
-                debug!(error = %e, "forced subscriber reconnection failed");
+                debug!(error = %crate::logging::esc(&e), "forced subscriber reconnection failed");
             }
         }
     }

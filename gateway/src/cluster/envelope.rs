@@ -70,6 +70,10 @@ pub(crate) enum Envelope<'a> {
         user: Cow<'a, str>,
         generation: u64,
         reason: KickReason,
+        /// The displacing login is a RESUME of the kicked connection's device: the session is
+        /// taken over, not revoked.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keep_session: bool,
     },
     /// The answer to request `req` of node instance `to_instance`: `count` local connections.
     Reply {
@@ -176,5 +180,30 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(raw_push(b"{not json").is_err());
+    }
+
+    #[test]
+    fn a_kick_keeps_the_session_only_when_it_says_so() {
+        let kick = |keep_session| Envelope::KickConn {
+            instance: "i".into(),
+            conn_id: 3,
+            user: "u".into(),
+            generation: 9,
+            reason: KickReason::DuplicateLogin,
+            keep_session,
+        };
+        let plain = kick(false).encode();
+        assert!(
+            !std::str::from_utf8(&plain)
+                .unwrap()
+                .contains("keep_session"),
+            "older nodes read it unchanged"
+        );
+        for (bytes, want) in [(plain, false), (kick(true).encode(), true)] {
+            match Envelope::decode(&bytes).unwrap() {
+                Envelope::KickConn { keep_session, .. } => assert_eq!(keep_session, want),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 }

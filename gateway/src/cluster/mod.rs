@@ -69,7 +69,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 pub use bus::{Bus, BusError, BusMessage, LocalBus, RedisBus, Subscription};
-pub use sessions::{Resume, Session, SessionTicket};
+pub use sessions::{Resume, Session, SessionCheck, SessionTicket};
 pub use streams::{Position, Route};
 
 use crate::auth::unix_millis;
@@ -104,6 +104,12 @@ pub trait LocalNode: Send + Sync + 'static {
     fn broadcast_local(&self, channel: Option<&str>, push: Bytes) -> usize;
     /// Kicks the local connection `conn_id` of `user` if it still exists; returns whether it did.
     fn kick_connection(&self, user: &str, conn_id: u64, reason: KickReason) -> bool;
+    /// Kicks the local connection `conn_id` of `user` for a duplicate login by a RESUME of the
+    /// same device, which takes its session over: the session is not revoked. Returns whether
+    /// it did.
+    fn kick_connection_keeping_session(&self, user: &str, conn_id: u64) -> bool {
+        self.kick_connection(user, conn_id, KickReason::DuplicateLogin)
+    }
     /// Kicks every local connection of `user` (of `channel` if Some); returns how many.
     fn kick_user(&self, user: &str, channel: Option<&str>, reason: KickReason) -> usize;
     /// Every live local connection, to re-register presence after Redis comes back.
@@ -652,6 +658,17 @@ impl Cluster {
         conn: &LocalConnection,
         policy: DuplicateLoginPolicy,
     ) -> Result<RegisterOutcome, ClusterError> {
+        self.register_as(conn, policy, false).await
+    }
+
+    /// [`register`](Self::register) for a login that is a RESUME when `resuming`: connections of
+    /// the same device it displaces keep their session (the RESUME takes it over).
+    pub async fn register_as(
+        &self,
+        conn: &LocalConnection,
+        policy: DuplicateLoginPolicy,
+        resuming: bool,
+    ) -> Result<RegisterOutcome, ClusterError> {
         let inner = &self.inner;
         let Some(redis) = &inner.redis else {
             return Ok(RegisterOutcome::Registered);
@@ -670,8 +687,9 @@ impl Cluster {
                 generation,
                 displaced,
             })) => {
-                debug!(user = %conn.user, conn = conn.conn_id, generation, displaced = displaced.len(), "registered in presence");
-                inner.kick_displaced(displaced, deadline).await;
+                debug!(user = ?conn.user, conn = conn.conn_id, generation, displaced = displaced.len(), "registered in presence");
+                let keep_device = resuming.then_some(conn.device_id.as_str());
+                inner.kick_displaced(displaced, keep_device, deadline).await;
                 Ok(RegisterOutcome::Registered)
             }
             failed => {
@@ -679,7 +697,7 @@ impl Cluster {
                     Ok(Err(e)) => e.to_string(),
                     _ => "timed out".to_owned(),
                 };
-                warn!(%error, user = %conn.user, "presence registration failed; it is written when Redis answers");
+                crate::warn_limited!(error = %crate::logging::esc(&error), user = ?conn.user, "presence registration failed; it is written when Redis answers");
                 redis.presence.owe(conn);
                 Ok(RegisterOutcome::Registered)
             }
@@ -760,7 +778,7 @@ impl Cluster {
                 let cleanup = async {
                     redis.presence.remove_all().await;
                     if let Err(e) = redis.nodes.leave().await {
-                        warn!(error = %e, "removing this node from the registry failed; it expires after node_ttl_ms");
+                        warn!(error = %crate::logging::esc(&e), "removing this node from the registry failed; it expires after node_ttl_ms");
                     }
                 };
                 if tokio::time::timeout(bound, cleanup).await.is_err() {

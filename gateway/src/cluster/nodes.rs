@@ -153,7 +153,7 @@ impl NodeRegistry {
                 }
                 Ok(_) => return Ok(()),
                 Err(e) => {
-                    warn!(error = %e, "claiming the node id failed; retrying");
+                    warn!(error = %crate::logging::esc(&e), "claiming the node id failed; retrying");
                     ClusterError::redis(e)
                 }
             };
@@ -230,7 +230,7 @@ impl NodeRegistry {
             .filter_map(|b| match serde_json::from_slice(b) {
                 Ok(n) => Some(n),
                 Err(e) => {
-                    warn!(error = %e, "undecodable node record");
+                    warn!(error = %crate::logging::esc(&e), "undecodable node record");
                     None
                 }
             })

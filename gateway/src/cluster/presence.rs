@@ -365,7 +365,7 @@ fn parse_entry(v: &Value) -> Option<StoredEntry> {
     match serde_json::from_slice(bytes) {
         Ok(e) => Some(e),
         Err(e) => {
-            tracing::warn!(error = %e, "undecodable presence entry");
+            tracing::warn!(error = %crate::logging::esc(&e), "undecodable presence entry");
             None
         }
     }

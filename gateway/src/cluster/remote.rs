@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use imgate_shared::KickReason;
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use super::bus::{split, BusError, BusMessage, Subscription};
 use super::envelope::{push_bytes, raw_push, Envelope};
@@ -65,7 +65,7 @@ impl Inner {
         match raw_push(push) {
             Ok(raw) => Some(raw),
             Err(e) => {
-                error!(error = %e, "push frame is not JSON; not sent to other nodes");
+                error!(error = %crate::logging::esc(&e), "push frame is not JSON; not sent to other nodes");
                 debug_assert!(false, "push frame is not JSON: {e}");
                 self.metrics.incomplete(kind).increment(1);
                 None
@@ -88,7 +88,7 @@ impl Inner {
                 Some(nodes)
             }
             Ok(Err(e)) => {
-                debug!(error = %e, "presence lookup failed");
+                debug!(error = %crate::logging::esc(&e), "presence lookup failed");
                 None
             }
             Err(_) => None,
@@ -287,7 +287,14 @@ impl Inner {
     }
 
     /// Kicks the connections a kick_old registration displaced, each on its own node.
-    pub(super) async fn kick_displaced(&self, displaced: Vec<StoredEntry>, deadline: Instant) {
+    /// Kicks the connections a registration displaced; those of `keep_device` (the device of a
+    /// RESUME, which takes their session over) keep their session.
+    pub(super) async fn kick_displaced(
+        &self,
+        displaced: Vec<StoredEntry>,
+        keep_device: Option<&str>,
+        deadline: Instant,
+    ) {
         let sends: Vec<(String, Bytes)> = displaced
             .into_iter()
             // Never returned by the script: between our own connections the local registry decides.
@@ -299,6 +306,7 @@ impl Inner {
                     user: e.user_id.as_str().into(),
                     generation: e.generation,
                     reason: KickReason::DuplicateLogin,
+                    keep_session: keep_device == Some(e.device_id.as_str()),
                 }
                 .encode();
                 (self.keys.node_channel(&e.node_id), payload)
@@ -320,7 +328,7 @@ impl Inner {
             match r {
                 Ok(_) => self.metrics.kicks_sent.increment(1),
                 Err(e) => {
-                    warn!(error = %e, "publishing a duplicate-login kick failed; retrying");
+                    crate::warn_limited!(error = %crate::logging::esc(&e), "publishing a duplicate-login kick failed; retrying");
                     self.owe_kick(send);
                 }
             }
@@ -372,7 +380,7 @@ impl Inner {
                 Ok(payload) => self.dispatch_one(&msg.channel, payload),
                 Err(e) => {
                     self.metrics.undecodable.increment(1);
-                    debug!(error = %e, channel = %msg.channel, "undecodable bus message");
+                    debug!(error = %crate::logging::esc(&e), channel = ?msg.channel, "undecodable bus message");
                 }
             }
         }
@@ -383,7 +391,7 @@ impl Inner {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.undecodable.increment(1);
-                debug!(error = %e, %channel, "undecodable bus message");
+                debug!(error = %crate::logging::esc(&e), ?channel, "undecodable bus message");
                 return;
             }
         };
@@ -446,12 +454,19 @@ impl Inner {
                 user,
                 generation,
                 reason,
+                keep_session,
             } => {
                 // A kick names one connection of one node instance: a restarted node (new
                 // instance) or a newer connection (new conn id) is never closed by it.
-                if instance == mine && self.local.kick_connection(&user, conn_id, reason) {
+                let kicked = instance == mine
+                    && if keep_session {
+                        self.local.kick_connection_keeping_session(&user, conn_id)
+                    } else {
+                        self.local.kick_connection(&user, conn_id, reason)
+                    };
+                if kicked {
                     self.metrics.kicks_applied.increment(1);
-                    debug!(user = %user, conn = conn_id, generation, "kicked: logged in on another node");
+                    debug!(user = ?user, conn = conn_id, generation, "kicked: logged in on another node");
                 } else {
                     self.metrics.kicks_stale.increment(1);
                 }

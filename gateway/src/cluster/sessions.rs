@@ -4,6 +4,11 @@
 //! `delivery.session_ttl_secs` from its LOGIN, so a token is needed again after that. With
 //! Redis a session is `{p}:session:{id}` with a TTL; embedded, an in-process map swept as it is
 //! used.
+//!
+//! A RESUME reads the session first ([`Cluster::check_session`], which changes nothing) and
+//! replaces it ([`Cluster::resume_session`]) only once every step that can refuse the login
+//! (duplicate-login policy, the message store) has passed: a refused RESUME leaves the session
+//! as it was, to be presented again here or on another node.
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +40,18 @@ pub struct SessionTicket {
     pub expires_at_ms: u64,
 }
 
-/// The outcome of presenting a session id.
+/// What a session id refers to, as read by [`Cluster::check_session`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCheck {
+    /// A live session of the device presented.
+    Valid(Session),
+    /// No such session: never issued, expired or revoked.
+    Unknown,
+    /// The session belongs to another device.
+    WrongDevice,
+}
+
+/// The outcome of replacing a session id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
     /// Restored; the presented id is gone and `ticket` replaces it.
@@ -125,13 +141,77 @@ impl Cluster {
         (ticket, result)
     }
 
-    /// Presents session `id` for `device`.
+    /// Reads session `id` as presented by `device`, changing nothing.
+    pub async fn check_session(
+        &self,
+        id: &str,
+        device: &str,
+    ) -> Result<SessionCheck, ClusterError> {
+        if !well_formed(id) {
+            return Ok(SessionCheck::Unknown);
+        }
+        let inner = &self.inner;
+        let Some(redis) = &inner.redis else {
+            let Some(entry) = inner.sessions.get(id) else {
+                return Ok(SessionCheck::Unknown);
+            };
+            let (session, expires) = entry.value().clone();
+            drop(entry);
+            return Ok(if expires <= Instant::now() {
+                SessionCheck::Unknown
+            } else if session.device != device {
+                SessionCheck::WrongDevice
+            } else {
+                SessionCheck::Valid(session)
+            });
+        };
+        if !redis.bus.commands_up() {
+            return Err(ClusterError::Unavailable);
+        }
+        let get = redis
+            .bus
+            .client
+            .get::<Option<String>, _>(inner.keys.session(id));
+        let rec = timeout(inner.request_timeout, get)
+            .await
+            .map_err(|_| ClusterError::Unavailable)?
+            .map_err(ClusterError::redis)?;
+        let Some(rec) = rec else {
+            return Ok(SessionCheck::Unknown);
+        };
+        // A record that does not parse is refused like the script refuses it: as another device's.
+        Ok(match serde_json::from_str::<Session>(&rec) {
+            Ok(session) if session.device == device => SessionCheck::Valid(session),
+            _ => SessionCheck::WrongDevice,
+        })
+    }
+
+    /// Replaces session `id` of `device` with a new id that keeps its expiry: the presented id
+    /// is used up. Call it once the login cannot be refused any more; `Unknown` if the session
+    /// went meanwhile (another RESUME took it, or it was revoked or expired).
     pub async fn resume_session(&self, id: &str, device: &str) -> Result<Resume, ClusterError> {
         if !well_formed(id) {
             return Ok(Resume::Unknown);
         }
+        self.move_session(id, new_id(), device).await
+    }
+
+    /// Gives session `id` back after a resume that replaced it with `ticket` could not tell the
+    /// client (the `login_result` was not written): the client still holds `id`. Best effort.
+    pub async fn unresume_session(&self, ticket: &SessionTicket, id: &str, device: &str) {
+        if let Err(e) = self.move_session(&ticket.id, id.to_owned(), device).await {
+            tracing::debug!(error = %crate::logging::esc(&e), "session not given back");
+        }
+    }
+
+    /// Moves session `id` of `device` to id `new`.
+    async fn move_session(
+        &self,
+        id: &str,
+        new: String,
+        device: &str,
+    ) -> Result<Resume, ClusterError> {
         let inner = &self.inner;
-        let new = new_id();
         let Some(redis) = &inner.redis else {
             let now = Instant::now();
             let Some(entry) = inner.sessions.get(id) else {
@@ -210,7 +290,7 @@ impl Cluster {
         }
         let del = redis.bus.client.del::<i64, _>(inner.keys.session(id));
         if let Ok(Err(e)) = timeout(inner.request_timeout, del).await {
-            tracing::debug!(error = %e, "session not revoked");
+            tracing::debug!(error = %crate::logging::esc(&e), "session not revoked");
         }
     }
 }

@@ -298,7 +298,7 @@ impl Cluster {
                     ClusterError::Unavailable
                 })?
                 .map_err(|e| {
-                    tracing::debug!(error = %e, kind = ?e.kind(), "stream counter failed");
+                    tracing::debug!(error = %crate::logging::esc(&e), kind = ?e.kind(), "stream counter failed");
                     ClusterError::redis(e)
                 })?;
                 match reply {

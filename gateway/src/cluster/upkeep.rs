@@ -78,7 +78,7 @@ impl Inner {
                 live
             }
             Err(e) => {
-                debug!(error = %e, "refreshing the registration failed");
+                debug!(error = %crate::logging::esc(&e), "refreshing the registration failed");
                 return;
             }
         };
@@ -86,12 +86,14 @@ impl Inner {
             match redis.presence.restore(&*self.local).await {
                 Ok(displaced) => {
                     for c in displaced {
-                        info!(user = %c.user, conn = c.conn_id, "another node registered this user and channel type while this connection's entry was missing; kicking it (duplicate login)");
+                        info!(user = ?c.user, conn = c.conn_id, "another node registered this user and channel type while this connection's entry was missing; kicking it (duplicate login)");
                         self.local
                             .kick_connection(&c.user, c.conn_id, KickReason::DuplicateLogin);
                     }
                 }
-                Err(e) => warn!(error = %e, "re-registering presence failed; retrying"),
+                Err(e) => {
+                    warn!(error = %crate::logging::esc(&e), "re-registering presence failed; retrying")
+                }
             }
         }
         self.send_owed_kicks().await;
@@ -107,7 +109,7 @@ impl Inner {
         }
         match redis.nodes.list().await {
             Ok(nodes) => gauge_nodes(nodes.len()),
-            Err(e) => debug!(error = %e, "listing nodes failed"),
+            Err(e) => debug!(error = %crate::logging::esc(&e), "listing nodes failed"),
         }
     }
 }

@@ -103,10 +103,10 @@ pub async fn wait_for_database(
                 Err(_) => sqlx::Error::PoolTimedOut,
             };
         if Instant::now() + backoff >= deadline {
-            warn!(attempt, error = %error, "cannot connect to the database; giving up");
+            warn!(attempt, error = %crate::logging::esc(&error), "cannot connect to the database; giving up");
             return Err(StoreError::Connect(error));
         }
-        warn!(attempt, error = %error, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the database");
+        warn!(attempt, error = %crate::logging::esc(&error), retry_in_ms = backoff.as_millis() as u64, "cannot connect to the database");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(retry_max.max(backoff));
         attempt += 1;

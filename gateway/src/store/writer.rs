@@ -487,14 +487,14 @@ impl Writer {
                 // Most likely a connection the server closed while it was idle: try again at
                 // once on a new one before calling it an outage.
                 quick_retry = false;
-                debug!(error = %error, "database write failed on a stale connection; retrying at once");
+                debug!(error = %crate::logging::esc(&error), "database write failed on a stale connection; retrying at once");
                 continue;
             }
             quick_retry = false;
             match &mut self.failing {
                 None => {
                     warn!(
-                        error = %error,
+                        error = %crate::logging::esc(&error),
                         rows = rows.len(),
                         retry_in_ms = backoff.as_millis() as u64,
                         "database write failed; retrying the batch until it succeeds"
@@ -503,7 +503,7 @@ impl Writer {
                 }
                 Some((_, attempts)) => {
                     *attempts += 1;
-                    debug!(error = %error, attempts = *attempts, "database write failed again");
+                    debug!(error = %crate::logging::esc(&error), attempts = *attempts, "database write failed again");
                 }
             }
             let wake_at = Instant::now() + backoff;
@@ -574,12 +574,12 @@ impl Writer {
         if n > 0 {
             error!(
                 rows = n,
-                error = %error,
+                error = %crate::logging::esc(&error),
                 "store closing: the database stayed unavailable until the close deadline; these messages were NOT written"
             );
             metrics::counter!(metric::ROWS_FAILED, "reason" => "unwritten").increment(n as u64);
         } else {
-            warn!(error = %error, "store closing: cursor updates not written");
+            warn!(error = %crate::logging::esc(&error), "store closing: cursor updates not written");
         }
         self.unwritten += n;
         for row in rows.drain(..) {

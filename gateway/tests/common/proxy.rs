@@ -1,9 +1,10 @@
 //! A TCP proxy between test clients and a node, which can cut every connection passing through
 //! it at once (a network failure as the client and the node see it: the socket just closes),
-//! while it keeps accepting new connections.
+//! while it keeps accepting new connections; or block it (cut, and close every new connection at
+//! once), like a server that went away.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use imgate_shared::connection::Endpoint;
@@ -15,6 +16,7 @@ pub struct Proxy {
     /// The forwarding tasks of the connections accepted since the last cut.
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accepted: Arc<AtomicUsize>,
+    blocked: Arc<AtomicBool>,
     acceptor: JoinHandle<()>,
 }
 
@@ -25,16 +27,19 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let links = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let blocked = Arc::new(AtomicBool::new(false));
         let acceptor = tokio::spawn(accept_loop(
             listener,
             target,
             links.clone(),
             accepted.clone(),
+            blocked.clone(),
         ));
         Proxy {
             addr,
             links,
             accepted,
+            blocked,
             acceptor,
         }
     }
@@ -62,6 +67,18 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Cuts every connection and closes each new one at once, until [`unblock`](Self::unblock).
+    pub fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn unblock(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.acceptor.abort();
@@ -78,11 +95,16 @@ async fn accept_loop(
     target: SocketAddr,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accepted: Arc<AtomicUsize>,
+    blocked: Arc<AtomicBool>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        if blocked.load(Ordering::SeqCst) {
+            drop(client);
+            continue;
+        }
         accepted.fetch_add(1, Ordering::SeqCst);
         let task = tokio::spawn(forward(client, target));
         // No await between the accept and this: a cut sees every accepted connection.
