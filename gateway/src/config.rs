@@ -282,6 +282,14 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Bearer token required by the admin API.
     pub token: Option<Secret>,
+    /// Most open admin connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A connection with no request in progress (a new one too) is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Longest time from a request's first byte to the end of its head.
+    pub header_timeout_ms: u64,
+    /// Longest time from a request's head to the end of its body; then 408 and close.
+    pub body_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +378,10 @@ impl Default for AdminSettings {
         AdminSettings {
             listen: "127.0.0.1:7401".parse().expect("valid address"),
             token: None,
+            max_connections: 256,
+            idle_timeout_ms: 60_000,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
         }
     }
 }
@@ -453,6 +465,16 @@ impl Settings {
         }
         if self.client.outbox_capacity == 0 || self.client.max_connections == 0 {
             return invalid("client.outbox_capacity and client.max_connections must be positive");
+        }
+        let a = &self.admin;
+        if a.max_connections == 0
+            || a.idle_timeout_ms == 0
+            || a.header_timeout_ms == 0
+            || a.body_timeout_ms == 0
+        {
+            return invalid(
+                "admin.max_connections, admin.idle_timeout_ms, admin.header_timeout_ms and admin.body_timeout_ms must be positive",
+            );
         }
         let url = self.store.url.expose();
         if !(url.starts_with("sqlite:")

@@ -7,6 +7,7 @@
 //! task: login, heartbeats, reading and writing), [`registry`] (the local map), [`router`] (where a
 //! message goes), [`api`] (the admin HTTP API), [`auth`] (JWT), [`metrics`], [`config`].
 
+pub mod admin_port;
 pub mod api;
 pub mod auth;
 pub mod cluster;
@@ -88,6 +89,7 @@ pub async fn run(
     let prometheus = metrics::install();
     warn_about_development_secrets(&settings);
     let grace = Duration::from_millis(settings.shutdown.grace_ms);
+    let admin_limits = admin_port::Limits::new(&settings.admin);
     let Listeners { client, admin } = listeners;
 
     // While the node connects to the database and Redis (which may take a while), the admin port
@@ -99,11 +101,12 @@ pub async fn run(
         let listener = TcpListener::from_std(admin.try_clone().map_err(RunError::Admin)?)
             .map_err(RunError::Admin)?;
         let stop = starting_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, api::starting_router())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        tokio::spawn(admin_port::serve(
+            listener,
+            api::starting_router(),
+            admin_limits,
+            stop,
+        ))
     };
     let started = tokio::select! {
         started = Node::start(settings, prometheus, shutdown.clone()) => Some(started),
@@ -122,11 +125,7 @@ pub async fn run(
         let app = api::router(node.clone());
         let stop = admin_stop.clone();
         let listener = TcpListener::from_std(admin).map_err(RunError::Admin)?;
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        tokio::spawn(admin_port::serve(listener, app, admin_limits, stop))
     };
     let upkeep = {
         let node = node.clone();
@@ -164,8 +163,7 @@ pub async fn run(
     admin_stop.cancel();
     upkeep.abort();
     match admin.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(RunError::Admin(e)),
+        Ok(()) => Ok(()),
         Err(e) => {
             error!(error = %e, "admin task failed");
             Ok(())

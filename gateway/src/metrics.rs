@@ -22,6 +22,9 @@ pub const SLOW_CONSUMER_KICKS: &str = "imgate_slow_consumer_kicks_total";
 pub const HEARTBEAT_TIMEOUTS: &str = "imgate_heartbeat_timeouts_total";
 pub const PROTOCOL_ERRORS: &str = "imgate_protocol_errors_total";
 pub const ADMIN_REQUESTS: &str = "imgate_admin_requests_total";
+pub const ADMIN_CONNECTIONS: &str = "imgate_admin_connections";
+pub const ADMIN_CONNECTIONS_REJECTED: &str = "imgate_admin_connections_rejected_total";
+pub const ADMIN_TIMEOUTS: &str = "imgate_admin_timeouts_total";
 pub const PUSH_LATENCY: &str = "imgate_push_latency_seconds";
 
 /// Every metric of the node (gateway, store and cluster) with its kind, as listed in
@@ -50,6 +53,9 @@ pub const CATALOG: &[(&str, &str)] = &[
     (HEARTBEAT_TIMEOUTS, "counter"),
     (PROTOCOL_ERRORS, "counter"),
     (ADMIN_REQUESTS, "counter"),
+    (ADMIN_CONNECTIONS, "gauge"),
+    (ADMIN_CONNECTIONS_REJECTED, "counter"),
+    (ADMIN_TIMEOUTS, "counter"),
     (PUSH_LATENCY, "histogram"),
 ];
 
@@ -129,6 +135,15 @@ fn describe() {
     describe_counter!(
         ADMIN_REQUESTS,
         "Admin API requests, by route and status code."
+    );
+    describe_gauge!(ADMIN_CONNECTIONS, "Open connections to the admin port.");
+    describe_counter!(
+        ADMIN_CONNECTIONS_REJECTED,
+        "Admin connections refused (503, closed) because admin.max_connections were open."
+    );
+    describe_counter!(
+        ADMIN_TIMEOUTS,
+        "Admin connections closed by a timeout, by phase: idle (no request), header (a request head too slow) or body (a request body too slow; answered 408)."
     );
     describe_histogram!(
         PUSH_LATENCY,
