@@ -660,6 +660,8 @@ struct StatsResponse {
     users: usize,
     open_sockets: usize,
     max_connections: usize,
+    /// Client sockets that have not logged in yet.
+    pending_logins: usize,
     connections_by_transport: BTreeMap<&'static str, usize>,
     connections_by_channel: BTreeMap<String, usize>,
     /// Whether the node is part of a Redis cluster, and whether its bus is connected.
@@ -695,7 +697,8 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<StatsResponse> {
         connections: node.registry().connection_count(),
         users: node.registry().user_count(),
         open_sockets: node.open_sockets(),
-        max_connections: node.settings.client.max_connections,
+        max_connections: node.max_connections(),
+        pending_logins: node.pending_logins(),
         connections_by_transport: by_transport,
         connections_by_channel: by_channel,
         clustered: node.cluster().is_clustered(),

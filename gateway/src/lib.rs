@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod delivery;
+pub mod descriptors;
 pub mod ids;
 pub mod metrics;
 pub mod node;
@@ -25,6 +26,7 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -171,31 +173,72 @@ pub async fn run(
     }
 }
 
-/// Accepts client sockets until shutdown, spawning a connection task for each.
+/// Accepts client sockets until shutdown, spawning a connection task for each admitted one and
+/// a short refusal task (or none) for the others.
 async fn accept_loop(listener: &TcpListener, node: &Arc<Node>) {
+    let mut reserve = descriptors::Reserve::new();
     loop {
         let accepted = tokio::select! {
             _ = node.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let slot = node.claim_slot();
-                node.tasks
-                    .spawn(connection::serve(stream, peer, node.clone(), slot));
+            Ok((stream, peer)) => match node.admit(peer.ip()) {
+                Ok(admission) => {
+                    node.tasks
+                        .spawn(connection::serve(stream, peer, node.clone(), admission));
+                }
+                Err(refusal) => {
+                    metrics::counter_rejected(refusal.reason());
+                    // Too many refusals in flight: close without a word.
+                    if let Some(place) = node.claim_refusal() {
+                        node.tasks.spawn(connection::refuse(
+                            stream,
+                            peer,
+                            node.clone(),
+                            refusal,
+                            place,
+                        ));
+                    }
+                }
+            },
+            Err(e) if descriptors::is_out_of_descriptors(&e) && reserve.release() => {
+                // The reserve descriptor is free now: take the waiting connection and close it
+                // at once, so that its client fails fast instead of waiting in the backlog.
+                if let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+                    drop(stream);
+                    metrics::counter_rejected("descriptors");
+                }
+                if !reserve.refill() {
+                    warn!(error = %e, "out of file descriptors");
+                    if backoff(node).await {
+                        return;
+                    }
+                }
             }
             Err(e) => {
-                // Out of file descriptors or a similar transient failure: back off briefly
-                // instead of spinning.
+                // Out of file descriptors (and no reserve) or a similar transient failure: back
+                // off briefly instead of spinning.
                 warn!(error = %e, "accept failed");
-                tokio::select! {
-                    _ = node.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                if backoff(node).await {
+                    return;
                 }
             }
         }
     }
 }
+
+/// Waits a little after a failed accept; `true` when the node shuts down meanwhile.
+async fn backoff(node: &Node) -> bool {
+    tokio::select! {
+        _ = node.shutdown.cancelled() => true,
+        _ = tokio::time::sleep(ACCEPT_BACKOFF) => false,
+    }
+}
+
+/// Pause after an `accept` that failed for want of descriptors (with none in reserve) or another
+/// transient reason.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 fn warn_about_development_secrets(settings: &Settings) {
     if settings.auth.secret.is_none() && settings.auth.algorithm == config::JwtAlgorithm::HS256 {

@@ -11,6 +11,7 @@ use crate::registry::TransportKind;
 
 pub const CONNECTIONS: &str = "imgate_connections";
 pub const CONNECTIONS_REJECTED: &str = "imgate_connections_rejected_total";
+pub const PENDING_LOGINS: &str = "imgate_pending_logins";
 pub const LOGINS: &str = "imgate_logins_total";
 pub const FRAMES_IN: &str = "imgate_frames_in_total";
 pub const FRAMES_OUT: &str = "imgate_frames_out_total";
@@ -42,6 +43,7 @@ pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
 pub const CATALOG: &[(&str, &str)] = &[
     (CONNECTIONS, "gauge"),
     (CONNECTIONS_REJECTED, "counter"),
+    (PENDING_LOGINS, "gauge"),
     (LOGINS, "counter"),
     (FRAMES_IN, "counter"),
     (FRAMES_OUT, "counter"),
@@ -102,7 +104,11 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REJECTED,
-        "Sockets dropped before login, by reason: limit (node full) or bad_handshake (closed or failed before its first frame, e.g. a TCP health check)."
+        "Sockets dropped before login, by reason: limit (node full), pending_logins or pending_logins_per_ip (too many sockets not logged in yet, on the node or from one address), descriptors (accept failed: out of file descriptors) or bad_handshake (closed or failed before its first frame, e.g. a TCP health check)."
+    );
+    describe_gauge!(
+        PENDING_LOGINS,
+        "Client sockets accepted that have not logged in yet."
     );
     describe_counter!(LOGINS, "Login attempts by result (ok or an error name).");
     describe_counter!(FRAMES_IN, "Frames received from clients, by command.");
@@ -186,6 +192,10 @@ impl Default for HotMetrics {
 
 pub fn counter_rejected(reason: &'static str) {
     metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn gauge_pending_logins(delta: f64) {
+    metrics::gauge!(PENDING_LOGINS).increment(delta);
 }
 
 pub fn counter_login(result: &'static str) {
