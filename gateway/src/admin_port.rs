@@ -199,7 +199,7 @@ async fn serve_connection(
                     .unwrap_or_else(|e: Infallible| match e {});
                 let response = if timed_out.load(Ordering::Acquire) {
                     ::metrics::counter!(metrics::ADMIN_TIMEOUTS, "phase" => "body").increment(1);
-                    body_timeout_response()
+                    body_timed_out(response)
                 } else {
                     response
                 };
@@ -251,15 +251,22 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn body_timeout_response() -> Response {
-    let mut response = (
-        StatusCode::REQUEST_TIMEOUT,
-        axum::Json(serde_json::json!({
-            "error": "body_timeout",
-            "message": "the request body did not arrive within the body timeout",
-        })),
-    )
-        .into_response();
+/// The answer to a request whose body timed out: the router's own 408 (from the API's JSON
+/// extractor), or one made here when a handler answered otherwise; either way the connection is
+/// closed, since the rest of the body would be taken for the next request.
+fn body_timed_out(response: Response) -> Response {
+    let mut response = if response.status() == StatusCode::REQUEST_TIMEOUT {
+        response
+    } else {
+        (
+            StatusCode::REQUEST_TIMEOUT,
+            axum::Json(serde_json::json!({
+                "error": "body_timeout",
+                "message": BodyTimeout.to_string(),
+            })),
+        )
+            .into_response()
+    };
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -319,7 +326,7 @@ impl AsyncWrite for Watched {
 
 /// The body did not arrive within the body timeout.
 #[derive(Debug, thiserror::Error)]
-#[error("request body not received within the body timeout")]
+#[error("the request body did not arrive within the body timeout")]
 pub struct BodyTimeout;
 
 /// A request body that must be complete by a deadline, set when the request's head arrived.

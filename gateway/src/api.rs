@@ -143,6 +143,18 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        // The admin port cut the body off at its deadline (see `admin_port`).
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&r);
+        while let Some(e) = cause {
+            if e.is::<crate::admin_port::BodyTimeout>() {
+                return ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    kind: "body_timeout",
+                    message: e.to_string(),
+                };
+            }
+            cause = e.source();
+        }
         ApiError {
             status: r.status(),
             kind: "bad_request",

@@ -145,6 +145,14 @@ async fn a_declared_body_that_never_comes_gets_408_within_the_body_timeout() {
         common::metric_value(&metrics, "imgate_admin_timeouts_total", &["phase=\"body\""]) >= 1.0,
         "{metrics}"
     );
+    assert!(
+        common::metric_value(
+            &metrics,
+            "imgate_admin_requests_total",
+            &["route=\"/api/v1/messages\"", "status=\"408\""]
+        ) >= 1.0,
+        "{metrics}"
+    );
     node.stop().await;
 }
 
