@@ -219,7 +219,7 @@ async fn main() -> Result<()> {
     settings.admin.token = Some(Secret::new("bench-admin-token"));
     settings.client.listen = "127.0.0.1:0".parse()?;
     settings.admin.listen = "127.0.0.1:0".parse()?;
-    settings.client.max_connections = 100_000;
+    settings.client.max_connections = Some(100_000);
     let mysql_db = match &o.mysql {
         Some(server) => {
             let server = server.trim_end_matches('/').to_owned();

@@ -142,6 +142,18 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        // The admin port cut the body off at its deadline (see `admin_port`).
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&r);
+        while let Some(e) = cause {
+            if e.is::<crate::admin_port::BodyTimeout>() {
+                return ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    kind: "body_timeout",
+                    message: e.to_string(),
+                };
+            }
+            cause = e.source();
+        }
         ApiError {
             status: r.status(),
             kind: "bad_request",
@@ -656,6 +668,8 @@ struct StatsResponse {
     users: usize,
     open_sockets: usize,
     max_connections: usize,
+    /// Client sockets that have not logged in yet.
+    pending_logins: usize,
     connections_by_transport: BTreeMap<&'static str, usize>,
     connections_by_channel: BTreeMap<String, usize>,
     /// Whether the node is part of a Redis cluster, and whether its bus is connected.
@@ -691,7 +705,8 @@ async fn stats(State(node): State<Arc<Node>>) -> Json<StatsResponse> {
         connections: node.registry().connection_count(),
         users: node.registry().user_count(),
         open_sockets: node.open_sockets(),
-        max_connections: node.settings.client.max_connections,
+        max_connections: node.max_connections(),
+        pending_logins: node.pending_logins(),
         connections_by_transport: by_transport,
         connections_by_channel: by_channel,
         clustered: node.cluster().is_clustered(),

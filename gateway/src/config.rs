@@ -188,8 +188,13 @@ pub struct ClientSettings {
     pub listen: SocketAddr,
     /// The address clients are told to connect to (defaults to `listen`).
     pub advertise: Option<String>,
-    /// Most connections this node holds; more are refused with `SERVER_FULL`.
-    pub max_connections: usize,
+    /// Most connections this node holds; more are refused with `SERVER_FULL`. Absent: derived
+    /// from the process's open-file limit (see [`resolve_max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Most connections that have not logged in yet; more are refused with `SERVER_FULL`.
+    pub max_pending_logins: usize,
+    /// Most connections from one IP address (an IPv6 /64) that have not logged in yet.
+    pub max_pending_logins_per_ip: usize,
     /// Longest frame payload accepted, in bytes.
     pub max_frame_len: usize,
     /// Time a new connection has to log in.
@@ -313,6 +318,14 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Bearer token required by the admin API.
     pub token: Option<Secret>,
+    /// Most open admin connections; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A connection with no request in progress (a new one too) is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Longest time from a request's first byte to the end of its head.
+    pub header_timeout_ms: u64,
+    /// Longest time from a request's head to the end of its body; then 408 and close.
+    pub body_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,7 +369,9 @@ impl Default for ClientSettings {
         ClientSettings {
             listen: "0.0.0.0:7400".parse().expect("valid address"),
             advertise: None,
-            max_connections: 100_000,
+            max_connections: None,
+            max_pending_logins: 4_096,
+            max_pending_logins_per_ip: 256,
             max_frame_len: imgate_shared::codec::DEFAULT_MAX_FRAME_LEN,
             login_timeout_ms: imgate_shared::protocol::DEFAULT_LOGIN_TIMEOUT_MS,
             outbox_capacity: 256,
@@ -417,6 +432,10 @@ impl Default for AdminSettings {
         AdminSettings {
             listen: "127.0.0.1:7401".parse().expect("valid address"),
             token: None,
+            max_connections: 256,
+            idle_timeout_ms: 60_000,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
         }
     }
 }
@@ -435,6 +454,33 @@ impl Default for LogSettings {
 impl Default for ShutdownSettings {
     fn default() -> Self {
         ShutdownSettings { grace_ms: 10_000 }
+    }
+}
+
+/// Descriptors a node keeps besides client sockets and the pools counted separately: standard
+/// streams, listeners, log files, the reserve descriptor, Redis connections, DNS and spares.
+pub const BASE_DESCRIPTORS: u64 = 64;
+
+/// `client.max_connections` when the open-file limit is unknown or unlimited.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
+/// The client connection limit: the configured one, or what the open-file limit `nofile` leaves
+/// after `headroom` descriptors (see [`Settings::descriptor_headroom`]). A configured value above
+/// what the limit leaves is lowered to it (the second value is then the configured one, for a
+/// warning): past it, `accept` would fail with EMFILE before `SERVER_FULL` could apply.
+pub fn resolve_max_connections(
+    configured: Option<usize>,
+    nofile: Option<u64>,
+    headroom: u64,
+) -> (usize, Option<usize>) {
+    let Some(nofile) = nofile else {
+        return (configured.unwrap_or(DEFAULT_MAX_CONNECTIONS), None);
+    };
+    let room = usize::try_from(nofile.saturating_sub(headroom).max(1)).unwrap_or(usize::MAX);
+    match configured {
+        None => (room, None),
+        Some(n) if n > room => (room, Some(n)),
+        Some(n) => (n, None),
     }
 }
 
@@ -511,8 +557,23 @@ impl Settings {
         if self.client.max_frame_len < 256 || self.client.max_frame_len > 16 * 1024 * 1024 {
             return invalid("client.max_frame_len must be between 256 bytes and 16 MiB");
         }
-        if self.client.outbox_capacity == 0 || self.client.max_connections == 0 {
-            return invalid("client.outbox_capacity and client.max_connections must be positive");
+        let c = &self.client;
+        if c.outbox_capacity == 0
+            || c.max_connections == Some(0)
+            || c.max_pending_logins == 0
+            || c.max_pending_logins_per_ip == 0
+        {
+            return invalid("client.outbox_capacity, client.max_connections, client.max_pending_logins and client.max_pending_logins_per_ip must be positive");
+        }
+        let a = &self.admin;
+        if a.max_connections == 0
+            || a.idle_timeout_ms == 0
+            || a.header_timeout_ms == 0
+            || a.body_timeout_ms == 0
+        {
+            return invalid(
+                "admin.max_connections, admin.idle_timeout_ms, admin.header_timeout_ms and admin.body_timeout_ms must be positive",
+            );
         }
         let c = &self.client;
         if c.max_queued_bytes < 64 * 1024 || c.max_queued_bytes_total < c.max_queued_bytes {
@@ -588,6 +649,12 @@ impl Settings {
         }
     }
 
+    /// Descriptors the node needs besides client sockets: [`BASE_DESCRIPTORS`], the database
+    /// pool and the admin port's connections.
+    pub fn descriptor_headroom(&self) -> u64 {
+        BASE_DESCRIPTORS + u64::from(self.store.pool_size) + self.admin.max_connections as u64
+    }
+
     /// The address clients are told to connect to.
     pub fn advertised_client_addr(&self) -> String {
         self.client
@@ -627,6 +694,52 @@ mod tests {
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("***"));
+    }
+
+    #[test]
+    fn max_connections_default_to_what_the_open_file_limit_leaves() {
+        // Not configured: the limit less the headroom.
+        assert_eq!(
+            resolve_max_connections(None, Some(20_000), 400),
+            (19_600, None)
+        );
+        // Configured within the limit: as configured.
+        assert_eq!(
+            resolve_max_connections(Some(5_000), Some(20_000), 400),
+            (5_000, None)
+        );
+        // Configured above it: lowered, and the configured value returned for a warning.
+        assert_eq!(
+            resolve_max_connections(Some(100_000), Some(20_000), 400),
+            (19_600, Some(100_000))
+        );
+        // A limit below the headroom still leaves one connection.
+        assert_eq!(resolve_max_connections(None, Some(100), 400), (1, None));
+        // Unlimited or unknown: the configured value, or the fixed default.
+        assert_eq!(
+            resolve_max_connections(None, None, 400),
+            (DEFAULT_MAX_CONNECTIONS, None)
+        );
+        assert_eq!(resolve_max_connections(Some(7), None, 400), (7, None));
+        // The headroom counts the database pool and the admin port.
+        let s = Settings::default();
+        assert_eq!(
+            s.descriptor_headroom(),
+            BASE_DESCRIPTORS + 8 + s.admin.max_connections as u64
+        );
+    }
+
+    #[test]
+    fn connection_limits_must_be_positive() {
+        let mut s = Settings::default();
+        s.client.max_pending_logins_per_ip = 0;
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.client.max_connections = Some(0);
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.admin.body_timeout_ms = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
 use crate::logging::esc;
 use crate::metrics;
-use crate::node::{Node, SlotGuard};
+use crate::node::{Admission, Node, PendingGuard, Refusal, RefusalGuard};
 use crate::registry::{ConnHandle, RegisterError};
 use crate::router::valid_id;
 use crate::store::{StoreError, StoredMessage};
@@ -51,28 +51,31 @@ type PageFuture = JoinHandle<Result<(Vec<StoredMessage>, Option<u64>), StoreErro
 
 /// Longest time spent writing a farewell frame (KICK or ERROR) before closing anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest time a refused socket has to show its transport (a WebSocket upgrade, or silence
+/// taken for TCP) before it is told `SERVER_FULL`: refused sockets must not hold descriptors
+/// for a whole login timeout.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Serves one accepted socket until it closes.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: Option<SlotGuard>) {
+/// Serves one accepted socket until it closes. Its pending-login place is given back once it
+/// logs in (or closes).
+pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, admission: Admission) {
+    let Admission {
+        slot: _slot,
+        pending,
+    } = admission;
     let deadline = Instant::now() + Duration::from_millis(node.settings.client.login_timeout_ms);
-    let (reader, mut writer, kind) =
-        match transport::accept(stream, &node.settings.client, deadline).await {
-            Ok(t) => t,
-            Err(e) => {
-                debug!(%peer, error = %esc(&e), "handshake failed");
-                metrics::counter_rejected("bad_handshake");
-                return;
-            }
-        };
-    let Some(_slot) = slot else {
-        metrics::counter_rejected("limit");
-        metrics::counter_protocol_error(ErrorCode::ServerFull);
-        Box::pin(farewell(
-            &mut writer,
-            ServerFrame::error(ErrorCode::ServerFull, "node is full, try another node"),
-        ))
-        .await;
-        return;
+    // A socket still silent when the node shuts down is closed at once.
+    let accepted = tokio::select! {
+        accepted = transport::accept(stream, &node.settings.client, deadline) => accepted,
+        _ = node.shutdown.cancelled() => return,
+    };
+    let (reader, writer, kind) = match accepted {
+        Ok(t) => t,
+        Err(e) => {
+            debug!(%peer, error = %esc(&e), "handshake failed");
+            metrics::counter_rejected("bad_handshake");
+            return;
+        }
     };
     let mut conn = Connection {
         node,
@@ -83,7 +86,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         receipts: VecDeque::new(),
         deferred: VecDeque::new(),
     };
-    let close = match Box::pin(conn.login(deadline)).await {
+    let close = match Box::pin(conn.login(deadline, pending)).await {
         Ok(bound) => conn.run(bound).await,
         Err(close) => {
             count_close(&close, &conn.node);
@@ -91,6 +94,32 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, slot: O
         }
     };
     Box::pin(conn.finish(close)).await;
+}
+
+/// Tells a refused socket `SERVER_FULL` (in the transport it speaks, which it has
+/// [`REFUSAL_TIMEOUT`] to show) and closes it.
+pub async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    refusal: Refusal,
+    _place: RefusalGuard,
+) {
+    let login_timeout = Duration::from_millis(node.settings.client.login_timeout_ms);
+    let deadline = Instant::now() + REFUSAL_TIMEOUT.min(login_timeout);
+    let mut writer = match transport::accept(stream, &node.settings.client, deadline).await {
+        Ok((_, writer, _)) => writer,
+        Err(e) => {
+            debug!(%peer, error = %e, "refused socket closed before its handshake");
+            return;
+        }
+    };
+    metrics::counter_protocol_error(ErrorCode::ServerFull);
+    Box::pin(farewell(
+        &mut writer,
+        ServerFrame::error(ErrorCode::ServerFull, refusal.message()),
+    ))
+    .await;
 }
 
 /// Why a connection ends.
@@ -182,7 +211,11 @@ impl Connection {
     /// Reads LOGIN or RESUME and binds the connection: registration (locally and in the
     /// cluster), a session, the device's cursor, `login_result`, and the device stream that
     /// replays what follows the cursor.
-    async fn login(&mut self, deadline: Instant) -> Result<Box<Bound>, Close> {
+    async fn login(
+        &mut self,
+        deadline: Instant,
+        pending: PendingGuard,
+    ) -> Result<Box<Bound>, Close> {
         let node = self.node.clone();
         let settings = &node.settings;
         let peer = self.peer;
@@ -461,6 +494,8 @@ impl Connection {
         }];
         metrics::counter_frame_out(result.kind());
         stream.pump(Instant::now(), &mut first);
+        // Logged in: no longer pending (before the client can learn it).
+        drop(pending);
         // Written even if a newer login displaced this one meanwhile: the client learns that it
         // logged in, then that it was kicked.
         if let Err(close) = self.write_out(None, &mut first).await {
@@ -969,7 +1004,7 @@ mod tests {
     /// The size of the future an async fn returns, without calling it.
     fn future_size<F, Fut>(_: F) -> usize
     where
-        F: FnOnce(TcpStream, SocketAddr, Arc<Node>, Option<SlotGuard>) -> Fut,
+        F: FnOnce(TcpStream, SocketAddr, Arc<Node>, Admission) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

@@ -7,12 +7,14 @@
 //! task: login, heartbeats, reading and writing), [`registry`] (the local map), [`router`] (where a
 //! message goes), [`api`] (the admin HTTP API), [`auth`] (JWT), [`metrics`], [`config`].
 
+pub mod admin_port;
 pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod delivery;
+pub mod descriptors;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
@@ -25,6 +27,7 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -93,6 +96,7 @@ pub async fn run(
     );
     warn_about_development_secrets(&settings);
     let grace = Duration::from_millis(settings.shutdown.grace_ms);
+    let admin_limits = admin_port::Limits::new(&settings.admin);
     let Listeners { client, admin } = listeners;
 
     // While the node connects to the database and Redis (which may take a while), the admin port
@@ -104,11 +108,12 @@ pub async fn run(
         let listener = TcpListener::from_std(admin.try_clone().map_err(RunError::Admin)?)
             .map_err(RunError::Admin)?;
         let stop = starting_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, api::starting_router())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        tokio::spawn(admin_port::serve(
+            listener,
+            api::starting_router(),
+            admin_limits,
+            stop,
+        ))
     };
     let started = tokio::select! {
         started = Node::start(settings, prometheus, shutdown.clone()) => Some(started),
@@ -127,11 +132,7 @@ pub async fn run(
         let app = api::router(node.clone());
         let stop = admin_stop.clone();
         let listener = TcpListener::from_std(admin).map_err(RunError::Admin)?;
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        tokio::spawn(admin_port::serve(listener, app, admin_limits, stop))
     };
     let upkeep = {
         let node = node.clone();
@@ -169,8 +170,7 @@ pub async fn run(
     admin_stop.cancel();
     upkeep.abort();
     match admin.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(RunError::Admin(e)),
+        Ok(()) => Ok(()),
         Err(e) => {
             error!(error = %crate::logging::esc(&e), "admin task failed");
             Ok(())
@@ -178,31 +178,72 @@ pub async fn run(
     }
 }
 
-/// Accepts client sockets until shutdown, spawning a connection task for each.
+/// Accepts client sockets until shutdown, spawning a connection task for each admitted one and
+/// a short refusal task (or none) for the others.
 async fn accept_loop(listener: &TcpListener, node: &Arc<Node>) {
+    let mut reserve = descriptors::Reserve::new();
     loop {
         let accepted = tokio::select! {
             _ = node.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let slot = node.claim_slot();
-                node.tasks
-                    .spawn(connection::serve(stream, peer, node.clone(), slot));
+            Ok((stream, peer)) => match node.admit(peer.ip()) {
+                Ok(admission) => {
+                    node.tasks
+                        .spawn(connection::serve(stream, peer, node.clone(), admission));
+                }
+                Err(refusal) => {
+                    metrics::counter_rejected(refusal.reason());
+                    // Too many refusals in flight: close without a word.
+                    if let Some(place) = node.claim_refusal() {
+                        node.tasks.spawn(connection::refuse(
+                            stream,
+                            peer,
+                            node.clone(),
+                            refusal,
+                            place,
+                        ));
+                    }
+                }
+            },
+            Err(e) if descriptors::is_out_of_descriptors(&e) && reserve.release() => {
+                // The reserve descriptor is free now: take the waiting connection and close it
+                // at once, so that its client fails fast instead of waiting in the backlog.
+                if let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+                    drop(stream);
+                    metrics::counter_rejected("descriptors");
+                }
+                if !reserve.refill() {
+                    warn_limited!(error = %crate::logging::esc(&e), "out of file descriptors");
+                    if backoff(node).await {
+                        return;
+                    }
+                }
             }
             Err(e) => {
-                // Out of file descriptors or a similar transient failure: back off briefly
-                // instead of spinning.
+                // Out of file descriptors (and no reserve) or a similar transient failure: back
+                // off briefly instead of spinning.
                 warn_limited!(error = %crate::logging::esc(&e), "accept failed");
-                tokio::select! {
-                    _ = node.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                if backoff(node).await {
+                    return;
                 }
             }
         }
     }
 }
+
+/// Waits a little after a failed accept; `true` when the node shuts down meanwhile.
+async fn backoff(node: &Node) -> bool {
+    tokio::select! {
+        _ = node.shutdown.cancelled() => true,
+        _ = tokio::time::sleep(ACCEPT_BACKOFF) => false,
+    }
+}
+
+/// Pause after an `accept` that failed for want of descriptors (with none in reserve) or another
+/// transient reason.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 fn warn_about_development_secrets(settings: &Settings) {
     if settings.auth.secret.is_none() && settings.auth.algorithm == config::JwtAlgorithm::HS256 {

@@ -164,6 +164,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     init_tracing(&settings);
+    // Client connections are bounded by the open-file limit: use all the hard limit allows.
+    imgate::descriptors::raise_nofile_limit();
     let listeners = Listeners::bind(&settings)
         .await
         .context("cannot bind the client or admin address")?;

@@ -11,6 +11,7 @@ use crate::registry::TransportKind;
 
 pub const CONNECTIONS: &str = "imgate_connections";
 pub const CONNECTIONS_REJECTED: &str = "imgate_connections_rejected_total";
+pub const PENDING_LOGINS: &str = "imgate_pending_logins";
 pub const LOGINS: &str = "imgate_logins_total";
 pub const FRAMES_IN: &str = "imgate_frames_in_total";
 pub const FRAMES_OUT: &str = "imgate_frames_out_total";
@@ -22,6 +23,9 @@ pub const SLOW_CONSUMER_KICKS: &str = "imgate_slow_consumer_kicks_total";
 pub const HEARTBEAT_TIMEOUTS: &str = "imgate_heartbeat_timeouts_total";
 pub const PROTOCOL_ERRORS: &str = "imgate_protocol_errors_total";
 pub const ADMIN_REQUESTS: &str = "imgate_admin_requests_total";
+pub const ADMIN_CONNECTIONS: &str = "imgate_admin_connections";
+pub const ADMIN_CONNECTIONS_REJECTED: &str = "imgate_admin_connections_rejected_total";
+pub const ADMIN_TIMEOUTS: &str = "imgate_admin_timeouts_total";
 pub const PUSH_LATENCY: &str = "imgate_push_latency_seconds";
 pub const QUEUED_BYTES: &str = "imgate_queued_bytes";
 pub const MEMORY_LIMITED: &str = "imgate_memory_limited_total";
@@ -44,6 +48,7 @@ pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
 pub const CATALOG: &[(&str, &str)] = &[
     (CONNECTIONS, "gauge"),
     (CONNECTIONS_REJECTED, "counter"),
+    (PENDING_LOGINS, "gauge"),
     (LOGINS, "counter"),
     (FRAMES_IN, "counter"),
     (FRAMES_OUT, "counter"),
@@ -55,6 +60,9 @@ pub const CATALOG: &[(&str, &str)] = &[
     (HEARTBEAT_TIMEOUTS, "counter"),
     (PROTOCOL_ERRORS, "counter"),
     (ADMIN_REQUESTS, "counter"),
+    (ADMIN_CONNECTIONS, "gauge"),
+    (ADMIN_CONNECTIONS_REJECTED, "counter"),
+    (ADMIN_TIMEOUTS, "counter"),
     (PUSH_LATENCY, "histogram"),
     (QUEUED_BYTES, "gauge"),
     (MEMORY_LIMITED, "counter"),
@@ -105,7 +113,11 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REJECTED,
-        "Sockets dropped before login, by reason: limit (node full) or bad_handshake (closed or failed before its first frame, e.g. a TCP health check)."
+        "Sockets dropped before login, by reason: limit (node full), pending_logins or pending_logins_per_ip (too many sockets not logged in yet, on the node or from one address), descriptors (accept failed: out of file descriptors) or bad_handshake (closed or failed before its first frame, e.g. a TCP health check)."
+    );
+    describe_gauge!(
+        PENDING_LOGINS,
+        "Client sockets accepted that have not logged in yet."
     );
     describe_counter!(LOGINS, "Login attempts by result (ok or an error name).");
     describe_counter!(FRAMES_IN, "Frames received from clients, by command.");
@@ -138,6 +150,15 @@ fn describe() {
     describe_counter!(
         ADMIN_REQUESTS,
         "Admin API requests, by route and status code."
+    );
+    describe_gauge!(ADMIN_CONNECTIONS, "Open connections to the admin port.");
+    describe_counter!(
+        ADMIN_CONNECTIONS_REJECTED,
+        "Admin connections refused (503, closed) because admin.max_connections were open."
+    );
+    describe_counter!(
+        ADMIN_TIMEOUTS,
+        "Admin connections closed by a timeout, by phase: idle (no request), header (a request head too slow) or body (a request body too slow; answered 408)."
     );
     describe_histogram!(
         PUSH_LATENCY,
@@ -197,6 +218,10 @@ impl Default for HotMetrics {
 
 pub fn counter_rejected(reason: &'static str) {
     metrics::counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn gauge_pending_logins(delta: f64) {
+    metrics::gauge!(PENDING_LOGINS).increment(delta);
 }
 
 pub fn counter_login(result: &'static str) {

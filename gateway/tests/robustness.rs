@@ -207,7 +207,7 @@ async fn a_client_that_stops_reading_is_disconnected_while_others_keep_receiving
 
 #[tokio::test]
 async fn connections_above_the_limit_are_refused() {
-    let node = TestNode::start_with(|s| s.client.max_connections = 2).await;
+    let node = TestNode::start_with(|s| s.client.max_connections = Some(2)).await;
     let _a = node.login(&node.tcp(), "a", "app").await;
     let _b = node.login(&node.ws(), "b", "app").await;
     for endpoint in [node.tcp(), node.ws()] {
