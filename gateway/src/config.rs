@@ -105,6 +105,10 @@ pub struct StoreSettings {
     pub queue_capacity: usize,
     /// Longest time a new message waits for room in a full queue before it is refused.
     pub enqueue_timeout_ms: u64,
+    /// New messages are refused at once while the oldest message not yet committed has waited
+    /// longer than this (the database is slower than the messages come): a queue that stays
+    /// full would only make every receipt late. 0: no limit by age.
+    pub max_queue_age_ms: u64,
     /// First and longest delay between retries while the database is down.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
@@ -151,6 +155,7 @@ impl Default for StoreSettings {
             cursor_flush_ms: 1_000,
             queue_capacity: 100_000,
             enqueue_timeout_ms: 1_000,
+            max_queue_age_ms: 2_000,
             retry_initial_ms: 100,
             retry_max_ms: 5_000,
             connect_timeout_ms: 60_000,

@@ -221,6 +221,8 @@ impl Node {
     pub fn refresh_gauges(&self) {
         ::metrics::gauge!(crate::metrics::QUEUED_BYTES)
             .set(self.registry().queued().total() as f64);
+        ::metrics::gauge!(crate::store::metric::QUEUE_AGE)
+            .set(self.store().queue_age_ms() as f64 / 1000.0);
     }
 
     fn claim_pending(self: &Arc<Self>, ip: IpAddr) -> Result<PendingGuard, Refusal> {

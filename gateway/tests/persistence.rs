@@ -681,3 +681,58 @@ async fn a_connection_with_many_sends_unanswered_is_still_read() {
     node.stop().await;
     db.drop_database().await;
 }
+
+/// A database slower than the messages: once the oldest message not yet committed has waited
+/// longer than `store.max_queue_age_ms`, new messages are refused at once (`UNAVAILABLE`)
+/// instead of joining a queue whose receipts would all be late. What was queued is stored.
+#[tokio::test]
+async fn new_messages_are_refused_while_the_store_queue_is_too_old() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |s| s.store.max_queue_age_ms = 200).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    warm_up(&mut alice, "bob").await;
+    let mut lock = db.connect().await;
+    lock.execute("LOCK TABLES messages READ").await.unwrap();
+    let send = |n: u32| ClientFrame::Send {
+        to: "bob".into(),
+        channel: None,
+        client_msg_id: format!("old-{n}"),
+        body: Body::from_value(&n).unwrap(),
+        retry: false,
+    };
+    alice.send(send(1)).await;
+    writer_waits_for_lock(&db).await;
+    metric_reaches(&node, "imgate_store_queue_age_seconds", &[], 0.2).await;
+    // From another connection (receipts of one connection come in the order of its sends).
+    let mut carol = node.login(&node.tcp(), "carol", "app").await;
+    carol.send(send(2)).await;
+    match carol.recv().await {
+        Some(ServerFrame::SendResult {
+            client_msg_id,
+            status: SendStatus::Refused,
+            reason: Some(ErrorCode::Unavailable),
+            ..
+        }) => assert_eq!(client_msg_id, "old-2"),
+        other => panic!("expected an immediate refusal, got {other:?}"),
+    }
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    let (_, status) = receipt(&alice.recv().await.unwrap());
+    assert_eq!(status, SendStatus::Stored, "the queued message is stored");
+    let (_, status) = receipt(&alice.send_text("bob", "after").await);
+    assert_eq!(
+        status,
+        SendStatus::Stored,
+        "taken again once the queue is young"
+    );
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(
+            &metrics,
+            "imgate_store_refused_total",
+            &["reason=\"queue_age\""]
+        ),
+        1.0
+    );
+    node.stop().await;
+    db.drop_database().await;
+}

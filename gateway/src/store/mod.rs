@@ -58,6 +58,8 @@ const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub mod metric {
     /// Rows queued for the writer, places reserved but not yet written included (gauge).
     pub const QUEUE_DEPTH: &str = "imgate_store_queue_depth";
+    /// How long the oldest message not yet committed has waited (gauge, seconds).
+    pub const QUEUE_AGE: &str = "imgate_store_queue_age_seconds";
     /// Rows per written batch (histogram; see [`super::BATCH_ROWS_BUCKETS`]).
     pub const BATCH_ROWS: &str = "imgate_store_batch_rows";
     /// Time to write and commit one batch (histogram, seconds).
@@ -66,7 +68,8 @@ pub mod metric {
     pub const ROWS_WRITTEN: &str = "imgate_store_rows_written_total";
     /// Failed write attempts; each is retried (counter).
     pub const WRITE_ERRORS: &str = "imgate_store_write_errors_total";
-    /// Messages refused before being queued, by reason: overloaded, closed, invalid (counter).
+    /// Messages refused before being queued, by reason: overloaded, queue_age, closed, invalid
+    /// (counter).
     pub const REFUSED: &str = "imgate_store_refused_total";
     /// Rows that repeated a stored (sender, recipient, client_msg_id) (counter).
     pub const DUPLICATES: &str = "imgate_store_duplicates_total";
@@ -81,6 +84,7 @@ pub mod metric {
 /// Every store metric with its kind, for the metrics catalog (`docs/metrics.md`).
 pub const CATALOG: &[(&str, &str)] = &[
     (metric::QUEUE_DEPTH, "gauge"),
+    (metric::QUEUE_AGE, "gauge"),
     (metric::BATCH_ROWS, "histogram"),
     (metric::FLUSH_SECONDS, "histogram"),
     (metric::ROWS_WRITTEN, "counter"),
@@ -105,6 +109,10 @@ pub fn describe_metrics() {
     describe_gauge!(
         metric::QUEUE_DEPTH,
         "Messages queued for the database writer, reserved places included."
+    );
+    describe_gauge!(
+        metric::QUEUE_AGE,
+        "How long the oldest message not yet committed has waited; above store.max_queue_age_ms new messages are refused."
     );
     describe_histogram!(
         metric::BATCH_ROWS,
@@ -423,6 +431,7 @@ struct Inner {
     queue: mpsc::Sender<Row>,
     shared: Arc<Shared>,
     enqueue_timeout: Duration,
+    max_queue_age_ms: u64,
     limits: Limits,
     starts: starts::StartReader,
 }
@@ -514,6 +523,7 @@ impl Store {
                 queue,
                 shared,
                 enqueue_timeout: Duration::from_millis(settings.enqueue_timeout_ms),
+                max_queue_age_ms: settings.max_queue_age_ms,
                 limits,
                 starts,
             }),
@@ -539,6 +549,13 @@ impl Store {
     /// [`close`](Self::close). Both are counted in [`metric::REFUSED`].
     pub async fn reserve(&self) -> Result<WritePermit, StoreError> {
         let inner = &*self.inner;
+        if inner.max_queue_age_ms > 0
+            && inner.shared.queue_age_ms(crate::auth::unix_millis()) > inner.max_queue_age_ms
+        {
+            // Say no early: what is queued already will be late.
+            count_refused("queue_age");
+            return Err(StoreError::Overloaded);
+        }
         let sender = match self.try_reserve_inner() {
             Ok(permit) => return Ok(permit),
             Err(Some(sender)) => sender,
@@ -831,6 +848,11 @@ impl Store {
     }
 
     /// Rows queued for the writer, places reserved but not yet written included.
+    /// How long the oldest message not yet committed has waited, in milliseconds.
+    pub fn queue_age_ms(&self) -> u64 {
+        self.inner.shared.queue_age_ms(crate::auth::unix_millis())
+    }
+
     pub fn queue_depth(&self) -> usize {
         let queue = &self.inner.queue;
         queue.max_capacity() - queue.capacity()

@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub close: watch::Sender<Option<Duration>>,
     /// `Some(rows not written)` once the writer has stopped.
     pub stopped: watch::Sender<Option<usize>>,
+    /// When the oldest row the writer holds and has not committed was accepted (Unix ms), or 0
+    /// when it holds none: the age of the queue's head.
+    pub oldest_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -92,6 +95,15 @@ impl Shared {
             closing: AtomicBool::new(false),
             close: watch::Sender::new(None),
             stopped: watch::Sender::new(None),
+            oldest_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How long the oldest row the writer holds has waited (0 when it holds none).
+    pub fn queue_age_ms(&self, now_ms: u64) -> u64 {
+        match self.oldest_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => 0,
+            oldest => now_ms.saturating_sub(oldest),
         }
     }
 
@@ -281,7 +293,15 @@ impl Writer {
                 Vec::new()
             };
             if !rows.is_empty() || !cursors.is_empty() {
+                let oldest = rows.iter().map(|r| r.created_at_ms).min().unwrap_or(0);
+                self.shared.oldest_ms.store(
+                    u64::try_from(oldest).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 conns = self.flush(&pool, conns, &mut rows, cursors).await;
+                self.shared
+                    .oldest_ms
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 self.shared.flushed();
                 if !own {
                     conns.clear();
