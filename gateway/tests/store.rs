@@ -146,6 +146,8 @@ impl TestDb {
             cursor_flush_ms: 0,
             queue_capacity: 10_000,
             enqueue_timeout_ms: 1_000,
+            // Off: these tests stall the database on purpose and expect rows to queue.
+            max_queue_age_ms: 0,
             retry_initial_ms: 10,
             retry_max_ms: 200,
             connect_timeout_ms: 10_000,
