@@ -223,8 +223,10 @@ pub struct ClientSettings {
     pub user_send_rate: f64,
     /// Sends one user may make at once over all its connections on this node.
     pub user_send_burst: u32,
-    /// Logins (and resumes) per second accepted from one source IP address; 0 means no limit.
-    /// An attempt beyond it is refused with `RATE_LIMITED` and the connection closed.
+    /// Logins (and resumes) per second accepted from one source IP address; 0 (the default)
+    /// means no limit. An attempt beyond it is refused with `RATE_LIMITED` and the connection
+    /// closed. Off by default: behind a proxy or load balancer that hides client addresses,
+    /// every client has the proxy's address.
     pub login_rate: f64,
     /// Logins one source address may attempt at once, above the rate.
     pub login_burst: u32,
@@ -363,7 +365,7 @@ impl Default for ClientSettings {
             send_burst: 200,
             user_send_rate: 200.0,
             user_send_burst: 400,
-            login_rate: 20.0,
+            login_rate: 0.0,
             login_burst: 100,
             login_rate_max_addresses: 100_000,
         }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod registry;
