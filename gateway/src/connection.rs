@@ -339,6 +339,7 @@ impl Connection {
                     "already connected on this channel type",
                 ));
             }
+            Err(RegisterError::TooMany) => return Err(too_many_connections(settings)),
         }
         // The same policy across the cluster: older connections on other nodes are kicked there.
         match node.cluster().register(&handle.presence(), policy).await {
@@ -349,6 +350,10 @@ impl Connection {
                     ErrorCode::DuplicateLogin,
                     "already connected on this channel type on another node",
                 ));
+            }
+            Ok(RegisterOutcome::TooMany) => {
+                node.registry().unregister(&handle.user, handle.id);
+                return Err(too_many_connections(settings));
             }
             Err(e) => {
                 warn!(%peer, conn, user, error = %e, "presence not registered; it is re-registered when the cluster recovers")
@@ -881,6 +886,16 @@ fn count_close(close: &Close, node: &Node) {
 fn login_failed(code: ErrorCode, message: impl Into<String>) -> Close {
     metrics::counter_login(code.name());
     Close::Error(code, message.into())
+}
+
+fn too_many_connections(settings: &crate::config::Settings) -> Close {
+    login_failed(
+        ErrorCode::TooManyConnections,
+        format!(
+            "the user holds the most connections allowed ({}); close one first",
+            settings.channels.max_connections_per_user
+        ),
+    )
 }
 
 fn too_large_message(max: usize) -> String {

@@ -66,10 +66,13 @@ impl Node {
                 crate::metrics::gauge_connections(transport, channel, 0.0);
             }
         }
-        let registry = Arc::new(Registry::new(crate::registry::QueuedBytes::new(
-            settings.client.max_queued_bytes,
-            settings.client.max_queued_bytes_total,
-        )));
+        let registry = Arc::new(
+            Registry::new(crate::registry::QueuedBytes::new(
+                settings.client.max_queued_bytes,
+                settings.client.max_queued_bytes_total,
+            ))
+            .with_max_per_user(settings.channels.max_connections_per_user as usize),
+        );
         let store = Store::open(&settings.store).await?;
         let cluster = match Cluster::start(&settings, registry.clone()).await {
             Ok(cluster) => cluster,

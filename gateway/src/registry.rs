@@ -431,6 +431,8 @@ impl ConnHandle {
 pub enum RegisterError {
     #[error("user already connected on this channel type")]
     Duplicate,
+    #[error("user holds the most connections allowed")]
+    TooMany,
 }
 
 /// The local map of live connections.
@@ -440,6 +442,8 @@ pub struct Registry {
     connections: AtomicUsize,
     /// Payload bytes queued for the connections, and their limits.
     queued: Arc<QueuedBytes>,
+    /// Most connections of one user (`channels.max_connections_per_user`); 0: no limit.
+    max_per_user: usize,
 }
 
 impl Registry {
@@ -448,6 +452,12 @@ impl Registry {
             queued: Arc::new(queued),
             ..Registry::default()
         }
+    }
+
+    /// Limits each user to `max` connections on this node (0: no limit).
+    pub fn with_max_per_user(mut self, max: usize) -> Self {
+        self.max_per_user = max;
+        self
     }
 
     /// The node's queued bytes and their limits, shared with every connection.
@@ -465,6 +475,16 @@ impl Registry {
         let mut entry = self.users.entry(conn.user.clone()).or_default();
         let conns = entry.value_mut();
         let same_channel = |c: &Arc<ConnHandle>| c.channel == conn.channel;
+        let staying = match policy {
+            DuplicateLoginPolicy::KickOld => conns.iter().filter(|c| !same_channel(c)).count(),
+            _ => conns.len(),
+        };
+        if self.max_per_user > 0
+            && staying >= self.max_per_user
+            && !(policy == DuplicateLoginPolicy::RejectNew && conns.iter().any(same_channel))
+        {
+            return Err(RegisterError::TooMany);
+        }
         let mut displaced = Vec::new();
         match policy {
             DuplicateLoginPolicy::AllowMultiple => {}
@@ -701,6 +721,25 @@ mod tests {
         }
         assert_eq!(r.connection_count(), 0);
         assert_eq!(r.user_count(), 0);
+    }
+
+    #[test]
+    fn connections_per_user_are_limited() {
+        let r = Registry::default().with_max_per_user(2);
+        let many = DuplicateLoginPolicy::AllowMultiple;
+        r.register(conn("a", "app"), many).unwrap();
+        r.register(conn("a", "web"), many).unwrap();
+        assert!(matches!(
+            r.register(conn("a", "pc"), many),
+            Err(RegisterError::TooMany)
+        ));
+        // A login that displaces one of them stays within the limit.
+        let displaced = r
+            .register(conn("a", "web"), DuplicateLoginPolicy::KickOld)
+            .unwrap();
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(r.connections_of("a", None).len(), 2);
+        r.register(conn("b", "app"), many).unwrap();
     }
 
     fn frame(seq: u64) -> Outbound {

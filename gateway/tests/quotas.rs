@@ -5,6 +5,7 @@
 mod common;
 
 use common::{metric_value, Client, TestNode};
+use imgate::config::{DuplicateLoginPolicy, RoutingMode};
 use imgate_shared::{ClientFrame, ErrorCode, SendStatus, ServerFrame};
 use reqwest::Method;
 use serde_json::json;
@@ -271,4 +272,80 @@ async fn logins_beyond_the_address_rate_are_refused() {
         1.0
     );
     node.stop().await;
+}
+
+/// Logs `user` in on `channel` and returns the error it gets (panics on success).
+async fn login_error(node: &TestNode, user: &str, channel: &str) -> ErrorCode {
+    let mut c = Client::connect(&node.tcp()).await;
+    match c.login(&node.token(user), channel, None).await {
+        ServerFrame::Error { error, .. } => {
+            assert!(c.recv().await.is_none(), "the connection is closed");
+            error
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_per_user_are_limited() {
+    let node = TestNode::start_with(|s| {
+        s.channels.duplicate_login = DuplicateLoginPolicy::AllowMultiple;
+        s.channels.max_connections_per_user = 2;
+    })
+    .await;
+    let mut first = node.login(&node.tcp(), "alice", "app").await;
+    let _second = node.login(&node.ws(), "alice", "app").await;
+    assert_eq!(
+        login_error(&node, "alice", "web").await,
+        ErrorCode::TooManyConnections
+    );
+    let _bob = node.login(&node.tcp(), "bob", "app").await;
+    // The server leaves the registry before it closes the socket.
+    first.send(ClientFrame::Logout {}).await;
+    first.until_closed().await;
+    let _third = node.login(&node.tcp(), "alice", "web").await;
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_logins_total",
+            &["result=\"TOO_MANY_CONNECTIONS\""]
+        ),
+        1.0
+    );
+    node.stop().await;
+}
+
+/// Two nodes on one Redis: the limit counts the user's connections on every node, in the same
+/// atomic step that registers one.
+#[tokio::test]
+async fn connections_per_user_are_limited_across_the_cluster() {
+    let prefix = common::random_prefix();
+    let configure = |i: usize, prefix: String| {
+        move |s: &mut imgate::Settings| {
+            let db = format!("sqlite://{}", common::temp_path("db").display());
+            common::cluster_settings(s, i, &prefix, &db, RoutingMode::Routed);
+            s.channels.duplicate_login = DuplicateLoginPolicy::AllowMultiple;
+            s.channels.max_connections_per_user = 2;
+        }
+    };
+    let a = TestNode::start_with(configure(1, prefix.clone())).await;
+    let b = TestNode::start_with(configure(2, prefix.clone())).await;
+    let _on_a = a.login(&a.tcp(), "alice", "app").await;
+    let mut on_b = b.login(&b.tcp(), "alice", "app").await;
+    // Each node holds one: the refusal comes from the cluster-wide count.
+    assert_eq!(
+        login_error(&a, "alice", "web").await,
+        ErrorCode::TooManyConnections
+    );
+    assert_eq!(
+        login_error(&b, "alice", "pc").await,
+        ErrorCode::TooManyConnections
+    );
+    // Closing one makes room (the server leaves presence before it closes the socket).
+    on_b.send(ClientFrame::Logout {}).await;
+    on_b.until_closed().await;
+    let _again = a.login(&a.tcp(), "alice", "web").await;
+    a.stop().await;
+    b.stop().await;
 }
