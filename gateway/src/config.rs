@@ -609,6 +609,30 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_validated() {
+        let check = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.validate()
+        };
+        assert!(check(|s| s.client.max_queued_bytes = 1024).is_err());
+        assert!(check(|s| s.client.max_queued_bytes_total = 1024 * 1024 - 1).is_err());
+        assert!(check(|s| s.client.send_rate = -1.0).is_err());
+        assert!(check(|s| s.client.user_send_rate = f64::NAN).is_err());
+        assert!(
+            check(|s| s.client.login_burst = 0).is_ok(),
+            "no limit: no burst needed"
+        );
+        assert!(check(|s| {
+            s.client.login_rate = 5.0;
+            s.client.login_burst = 0;
+        })
+        .is_err());
+        assert!(check(|s| s.client.login_rate_max_addresses = 0).is_err());
+        assert!(check(|s| s.channels.max_connections_per_user = 0).is_ok());
+    }
+
+    #[test]
     fn file_env_and_overrides_layer_and_unknown_keys_are_refused() {
         let dir = std::env::temp_dir().join(format!("imgate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -908,6 +908,54 @@ mod tests {
     }
 
     #[test]
+    fn held_and_unacknowledged_bytes_are_bounded_and_dropped_ones_are_read_back() {
+        let t = Instant::now();
+        let node = Arc::new(QueuedBytes::new(1 << 20, 1 << 30));
+        let cfg = Arc::new(StreamConfig {
+            max_bytes: 10,
+            node: node.clone(),
+            ..(*cfg(64)).clone()
+        });
+        let mut s = DeviceStream::new(cfg, "app".into(), 0, Some(0), t);
+        let mut out = Vec::new();
+        // Payloads `p1`..`p9` are 2 bytes each: five fit.
+        for seq in 1..=9 {
+            s.offer(live(seq), t);
+        }
+        s.pump(t, &mut out);
+        assert_eq!(frames(&mut out), ["p1", "p2", "p3", "p4", "p5"]);
+        assert_eq!((s.queued_bytes(), node.total()), (10, 10));
+        // A push dropped on its way only moves the head; no read while there is no room.
+        let mut evicted = live(10);
+        evicted.payload = Bytes::new();
+        assert!(evicted.is_evicted());
+        s.offer(evicted, t);
+        assert_eq!(s.fetch(t), None);
+        // Acknowledgements make room: what was dropped is read from the database.
+        s.ack(Some(3), None);
+        assert_eq!(s.queued_bytes(), 4);
+        // (An acknowledgement has no `now` of its own: it asks for a read at the clock's now.)
+        let t = Instant::now();
+        let f = s.fetch(t).expect("a read once there is room");
+        assert_eq!(f.from, 6);
+        // Stored pushes are larger than the room left: dropped again, and not read again
+        // before more room is made.
+        s.fill(f, (6..=10).map(|seq| row(seq, 10, None)).collect(), t, 10);
+        assert_eq!(s.queued_bytes(), 4);
+        assert_eq!(s.fetch(t), None);
+        s.ack(Some(5), None);
+        let t = Instant::now();
+        let f = s.fetch(t).expect("a read once there is room");
+        assert_eq!(f.from, 6);
+        // An empty stream takes one push, whatever its size.
+        s.fill(f, (6..=10).map(|seq| row(seq, 10, None)).collect(), t, 10);
+        s.pump(t, &mut out);
+        assert_eq!(frames(&mut out), ["r6"]);
+        drop(s);
+        assert_eq!(node.total(), 0);
+    }
+
+    #[test]
     fn held_positions_are_bounded() {
         let t = Instant::now();
         let mut s = DeviceStream::new(cfg(1), "app".into(), 0, None, t);

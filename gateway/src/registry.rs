@@ -816,6 +816,57 @@ mod tests {
     }
 
     #[test]
+    fn memory_limits_drop_stream_pushes_and_kick_for_others() {
+        let node = Arc::new(QueuedBytes::new(100, 150));
+        let c = |user: &str| {
+            ConnHandle::new(
+                user.into(),
+                "app".into(),
+                "d".into(),
+                TransportKind::Tcp,
+                64,
+                node.clone(),
+            )
+        };
+        let push = |seq: u64, len: usize| Outbound {
+            payload: Bytes::from(vec![b'x'; len]),
+            accepted: None,
+            stamp: Stamp {
+                id: MessageId(seq),
+                seq,
+            },
+            skip: false,
+        };
+        let a = c("a");
+        // A connection holding nothing takes a push larger than its limit.
+        assert!(a.offer(push(1, 120)));
+        assert_eq!((a.queued_bytes(), node.total()), (120, 120));
+        // Past it, a stream push keeps its place but not its payload.
+        assert!(a.offer(push(2, 10)));
+        assert_eq!(a.queued_bytes(), 120);
+        let b = c("b");
+        assert!(b.offer(push(1, 20)));
+        // Past the node's limit, likewise for a connection that holds something.
+        assert!(b.offer(push(2, 20)));
+        assert_eq!((b.queued_bytes(), node.total()), (20, 140));
+        let frames: Vec<_> = match b.outbox.poll_recv(
+            &mut Context::from_waker(futures_util::task::noop_waker_ref()),
+            8,
+        ) {
+            Poll::Ready(f) => f.into_iter().collect(),
+            Poll::Pending => panic!(),
+        };
+        assert!(!frames[0].is_evicted() && frames[1].is_evicted());
+        assert_eq!(node.total(), 120, "taken out: the task accounts for them");
+        // Any other push past a limit kicks.
+        b.set_held_bytes(20, 0);
+        assert!(!b.offer(Outbound::unsequenced(Bytes::from(vec![b'y'; 90]), None)));
+        assert_eq!(b.control.reason(), Some(KickReason::SlowConsumer));
+        drop((a, b));
+        assert_eq!(node.total(), 0, "everything is given back");
+    }
+
+    #[test]
     fn full_outbox_kicks_slow_consumer() {
         let c = conn("a", "app");
         let frame = || Outbound::unsequenced(Bytes::from_static(b"{}"), None);
