@@ -401,12 +401,16 @@ impl ConnHandle {
     /// a stream push: that one is stored, so it is dropped from memory, and the connection reads
     /// it from the database when it has room.
     pub fn offer(&self, mut frame: Outbound) -> bool {
-        if let Some(limit) = self
+        let limited = self
             .outbox
             .node_bytes
             .check(self.queued_bytes(), frame.payload.len())
-        {
-            if frame.stamp.seq == 0 || frame.skip {
+            // A broadcast's payload is one allocation shared by all its recipients: counted per
+            // connection, it would make a large broadcast look like the node's memory filling
+            // up, and kick connections for it. Only its connection's own limit applies.
+            .filter(|&limit| !(limit == MemoryLimit::Node && frame.stamp.seq == 0));
+        if let Some(limit) = limited {
+            if frame.stamp.seq == 0 {
                 metrics::counter!(crate::metrics::MEMORY_LIMITED, "limit" => limit.as_str(), "action" => "kick")
                     .increment(1);
                 self.control.kick(KickReason::SlowConsumer);
@@ -858,8 +862,12 @@ mod tests {
         };
         assert!(!frames[0].is_evicted() && frames[1].is_evicted());
         assert_eq!(node.total(), 120, "taken out: the task accounts for them");
-        // Any other push past a limit kicks.
+        // A broadcast (its payload shared by every recipient) meets only the connection's limit.
         b.set_held_bytes(20, 0);
+        assert!(node.node_over() || node.total() + 40 > 150);
+        assert!(b.offer(Outbound::unsequenced(Bytes::from(vec![b'y'; 40]), None)));
+        assert_eq!(b.control.reason(), None);
+        // Any other push past a limit kicks.
         assert!(!b.offer(Outbound::unsequenced(Bytes::from(vec![b'y'; 90]), None)));
         assert_eq!(b.control.reason(), Some(KickReason::SlowConsumer));
         drop((a, b));
