@@ -202,6 +202,8 @@ pub struct Receipt {
     pub status: SendStatus,
     pub connections: u32,
     pub reason: Option<ErrorCode>,
+    /// With `reason` `RATE_LIMITED`: milliseconds until the server would accept a send.
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -923,7 +925,7 @@ async fn on_frame(
             status,
             connections,
             reason,
-            ..
+            retry_after_ms,
         } => {
             if let Some(p) = state.pending.remove(&client_msg_id) {
                 let _ = p.reply.send(Receipt {
@@ -931,6 +933,7 @@ async fn on_frame(
                     status,
                     connections,
                     reason,
+                    retry_after_ms,
                 });
             }
             Ok(())
