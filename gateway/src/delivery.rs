@@ -385,6 +385,9 @@ impl DeviceStream {
         let started = self.fetching.take().unwrap_or(now);
         self.exhausted = rows.len() < fetch.limit as usize;
         let cutoff = now_ms.saturating_sub(self.cfg.retention.as_millis() as u64);
+        // The first stored position from `next` on: what is below it is missing in the
+        // database, what is from it on exists, even if the memory budget drops it below.
+        let first_stored = rows.iter().map(|r| r.seq).find(|&seq| seq >= self.next);
         for row in rows {
             if row.seq < self.next {
                 continue;
@@ -416,15 +419,18 @@ impl DeviceStream {
             let to = self
                 .held
                 .first_key_value()
-                .map_or(self.head + 1, |(&s, _)| s);
-            metrics::counter!(metric::HOLES).increment(to - self.next);
-            tracing::warn!(
-                from = self.next,
-                to = to - 1,
-                "stream positions skipped: never stored"
-            );
-            self.next = to;
-            self.gap_since = None;
+                .map_or(self.head + 1, |(&s, _)| s)
+                .min(first_stored.unwrap_or(u64::MAX));
+            if to > self.next {
+                metrics::counter!(metric::HOLES).increment(to - self.next);
+                tracing::warn!(
+                    from = self.next,
+                    to = to - 1,
+                    "stream positions skipped: never stored"
+                );
+                self.next = to;
+                self.gap_since = None;
+            }
         }
     }
 
@@ -943,8 +949,19 @@ mod tests {
         s.fill(f, (6..=10).map(|seq| row(seq, 10, None)).collect(), t, 10);
         assert_eq!(s.queued_bytes(), 4);
         assert_eq!(s.fetch(t), None);
+        // Long after the gap was first seen, a read whose rows find no room is no hole.
+        let later = Instant::now() + Duration::from_secs(60);
+        s.ack(Some(4), None);
+        let f = s.fetch(later).expect("a read once there is room");
+        s.fill(
+            f,
+            (6..=10).map(|seq| row(seq, 10, None)).collect(),
+            later,
+            10,
+        );
+        assert_eq!(s.next, 6, "stored positions are not skipped as holes");
         s.ack(Some(5), None);
-        let t = Instant::now();
+        let t = Instant::now() + Duration::from_secs(61);
         let f = s.fetch(t).expect("a read once there is room");
         assert_eq!(f.from, 6);
         // An empty stream takes one push, whatever its size.
