@@ -231,8 +231,10 @@ pub struct ClientSettings {
     pub user_send_rate: f64,
     /// Sends one user may make at once over all its connections on this node.
     pub user_send_burst: u32,
-    /// Logins (and resumes) per second accepted from one source IP address; 0 means no limit.
-    /// An attempt beyond it is refused with `RATE_LIMITED` and the connection closed.
+    /// Logins (and resumes) per second accepted from one source IP address; 0 (the default)
+    /// means no limit. An attempt beyond it is refused with `RATE_LIMITED` and the connection
+    /// closed. Off by default: behind a proxy or load balancer that hides client addresses,
+    /// every client has the proxy's address.
     pub login_rate: f64,
     /// Logins one source address may attempt at once, above the rate.
     pub login_burst: u32,
@@ -389,7 +391,7 @@ impl Default for ClientSettings {
             send_burst: 200,
             user_send_rate: 200.0,
             user_send_burst: 400,
-            login_rate: 20.0,
+            login_rate: 0.0,
             login_burst: 100,
             login_rate_max_addresses: 100_000,
         }
@@ -745,6 +747,30 @@ mod tests {
         let mut s = Settings::default();
         s.admin.body_timeout_ms = 0;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let check = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.validate()
+        };
+        assert!(check(|s| s.client.max_queued_bytes = 1024).is_err());
+        assert!(check(|s| s.client.max_queued_bytes_total = 1024 * 1024 - 1).is_err());
+        assert!(check(|s| s.client.send_rate = -1.0).is_err());
+        assert!(check(|s| s.client.user_send_rate = f64::NAN).is_err());
+        assert!(
+            check(|s| s.client.login_burst = 0).is_ok(),
+            "no limit: no burst needed"
+        );
+        assert!(check(|s| {
+            s.client.login_rate = 5.0;
+            s.client.login_burst = 0;
+        })
+        .is_err());
+        assert!(check(|s| s.client.login_rate_max_addresses = 0).is_err());
+        assert!(check(|s| s.channels.max_connections_per_user = 0).is_ok());
     }
 
     #[test]

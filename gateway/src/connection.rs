@@ -25,6 +25,7 @@ use crate::auth::unix_millis;
 use crate::cluster::{RegisterOutcome, Resume, Session, SessionCheck};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
+use crate::limits::{retry_after_ms, LoginRefusal, TokenBucket};
 use crate::logging::esc;
 use crate::metrics;
 use crate::node::{Admission, Node, PendingGuard, Refusal, RefusalGuard};
@@ -78,6 +79,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, admissi
         }
     };
     let mut conn = Connection {
+        send_bucket: TokenBucket::new(node.connection_send_rate(), Instant::now()),
         node,
         peer,
         reader,
@@ -135,6 +137,8 @@ enum Close {
     HeartbeatTimeout,
     /// The server sends ERROR with this code and message.
     Error(ErrorCode, String),
+    /// The server sends ERROR `RATE_LIMITED` with this message and `retry_after_ms`.
+    RateLimited(String, u64),
     /// The socket failed.
     Io(String),
 }
@@ -148,6 +152,8 @@ struct Connection {
     /// Receipts of accepted sends, in the order the sends arrived. Each send runs in its own task,
     /// so it completes (delivered and persisted) even if this connection goes away meanwhile.
     receipts: VecDeque<JoinHandle<ServerFrame>>,
+    /// This connection's sends (`client.send_rate`).
+    send_bucket: TokenBucket,
     /// Sends read while [`MAX_SENDS_IN_FLIGHT`] were being processed, in arrival order.
     deferred: VecDeque<Deferred>,
 }
@@ -252,6 +258,27 @@ impl Connection {
             }
         };
         metrics::counter_frame_in(frame.kind());
+        if matches!(
+            frame,
+            ClientFrame::Login { .. } | ClientFrame::Resume { .. }
+        ) {
+            // Before the token is checked or a session looked up: that is what costs.
+            if let Err(refusal) = node.logins.attempt(peer.ip(), Instant::now()) {
+                metrics::counter_login(ErrorCode::RateLimited.name());
+                metrics::counter_rate_limited("address");
+                let (message, wait) = match refusal {
+                    LoginRefusal::RateLimited(wait) => (
+                        "too many logins from this address; retry later".to_owned(),
+                        wait,
+                    ),
+                    LoginRefusal::TableFull => (
+                        "too many addresses logging in; retry later".to_owned(),
+                        Duration::from_secs(1),
+                    ),
+                };
+                return Err(Close::RateLimited(message, retry_after_ms(wait)));
+            }
+        }
         let hello = match frame {
             ClientFrame::Login {
                 token,
@@ -367,6 +394,7 @@ impl Connection {
                     "already connected on this channel type",
                 ));
             }
+            Err(RegisterError::TooMany) => return Err(too_many_connections(settings)),
         }
         // The same policy across the cluster: older connections on other nodes are kicked there.
         match node
@@ -382,10 +410,16 @@ impl Connection {
                     "already connected on this channel type on another node",
                 ));
             }
+            Ok(RegisterOutcome::TooMany) => {
+                node.registry().unregister(&handle.user, handle.id);
+                return Err(too_many_connections(settings));
+            }
             Err(e) => {
                 crate::warn_limited!(%peer, conn, user, error = %esc(&e), "presence not registered; it is re-registered when the cluster recovers")
             }
         }
+        // Released by `unregister`.
+        node.user_sends.acquire(&handle.user);
         // From here on live pushes reach this connection (locally and from other nodes); what
         // was sent before is in the database, or on its way there, below the stream's head.
         let (stored_cursor, stored_head) = match node
@@ -846,6 +880,30 @@ impl Connection {
     ) {
         let node = self.node.clone();
         let router = &node.router;
+        // Rate limits first: a refused send costs nothing more.
+        let now = Instant::now();
+        let rate = node.connection_send_rate();
+        let limited = match self.send_bucket.wait(rate, now) {
+            Some(wait) => Some(("connection", wait)),
+            None => node.user_sends.wait(&handle.user, now).map(|w| ("user", w)),
+        };
+        if let Some((limit, wait)) = limited {
+            metrics::counter_rate_limited(limit);
+            node.metrics.refused.increment(1);
+            let frame = ServerFrame::SendResult {
+                client_msg_id,
+                id: None,
+                status: imgate_shared::SendStatus::Refused,
+                connections: 0,
+                reason: Some(ErrorCode::RateLimited),
+                retry_after_ms: Some(retry_after_ms(wait)),
+            };
+            self.receipts
+                .push_back(node.tasks.spawn(async move { frame }));
+            return;
+        }
+        let _ = self.send_bucket.take(rate, now);
+        node.user_sends.take(&handle.user, now);
         let checked = if valid_id(&client_msg_id) {
             router.check(&to, channel.as_deref())
         } else {
@@ -888,6 +946,7 @@ impl Connection {
     async fn unregister(&self, handle: &ConnHandle) {
         let node = &self.node;
         handle.outbox.close();
+        node.user_sends.release(&handle.user);
         if node.registry().unregister(&handle.user, handle.id) {
             // Boxed: leaving the cluster (a Redis script) has a large state, needed once.
             Box::pin(node.cluster().unregister(&handle.user, handle.id)).await;
@@ -901,6 +960,13 @@ impl Connection {
             Close::Kick(reason) => farewell(&mut self.writer, ServerFrame::kick(reason)).await,
             Close::Error(code, message) => {
                 farewell(&mut self.writer, ServerFrame::error(code, message)).await
+            }
+            Close::RateLimited(message, retry_after_ms) => {
+                farewell(
+                    &mut self.writer,
+                    ServerFrame::rate_limited(message, retry_after_ms),
+                )
+                .await
             }
             Close::Io(error) => debug!(peer = %self.peer, error = %esc(error), "connection failed"),
         }
@@ -942,6 +1008,7 @@ fn count_close(close: &Close, node: &Node) {
         }
         Close::HeartbeatTimeout => metrics::counter_heartbeat_timeout(),
         Close::Error(code, _) => metrics::counter_protocol_error(*code),
+        Close::RateLimited(..) => metrics::counter_protocol_error(ErrorCode::RateLimited),
         Close::PeerClosed | Close::Logout | Close::Io(_) => {}
     }
 }
@@ -963,6 +1030,16 @@ fn sessions_unavailable() -> Close {
     login_failed(
         ErrorCode::Unavailable,
         "sessions cannot be checked now; retry, or log in",
+    )
+}
+
+fn too_many_connections(settings: &crate::config::Settings) -> Close {
+    login_failed(
+        ErrorCode::TooManyConnections,
+        format!(
+            "the user holds the most connections allowed ({}); close one first",
+            settings.channels.max_connections_per_user
+        ),
     )
 }
 

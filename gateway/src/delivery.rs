@@ -418,6 +418,9 @@ impl DeviceStream {
         self.fetching = None;
         self.exhausted = rows.len() < fetch.limit as usize;
         let cutoff = now_ms.saturating_sub(self.cfg.retention.as_millis() as u64);
+        // The first stored position from `next` on: what is below it is missing in the
+        // database, what is from it on exists, even if the memory budget drops it below.
+        let first_stored = rows.iter().map(|r| r.seq).find(|&seq| seq >= self.next);
         for row in rows {
             if row.seq < self.next {
                 continue;
@@ -443,7 +446,11 @@ impl DeviceStream {
         // answered does not have them either: they will never be stored. Skip them (only
         // them: positions that became known meanwhile were not asked about).
         if let (Some((from, to)), Some(0)) = (fetch.probe, holders) {
-            let skip_to = self.first_known().min(to + 1);
+            let skip_to = self
+                .first_known()
+                .min(to + 1)
+                // What the read found exists, even if the memory budget did not keep it.
+                .min(first_stored.unwrap_or(u64::MAX));
             if self.exhausted && self.missing() && self.next >= from && skip_to > self.next {
                 metrics::counter!(metric::HOLES).increment(skip_to - self.next);
                 crate::warn_limited!(
@@ -971,6 +978,79 @@ mod tests {
         s.offer(live(6), t);
         s.pump(t, &mut out);
         assert_eq!(frames(&mut out), ["p6"]);
+    }
+
+    #[test]
+    fn held_and_unacknowledged_bytes_are_bounded_and_dropped_ones_are_read_back() {
+        let t = Instant::now();
+        let node = Arc::new(QueuedBytes::new(1 << 20, 1 << 30));
+        let cfg = Arc::new(StreamConfig {
+            max_bytes: 10,
+            node: node.clone(),
+            ..(*cfg(64)).clone()
+        });
+        let mut s = DeviceStream::new(cfg, "app".into(), 0, Some(0), t);
+        let mut out = Vec::new();
+        // Payloads `p1`..`p9` are 2 bytes each: five fit.
+        for seq in 1..=9 {
+            s.offer(live(seq), t);
+        }
+        s.pump(t, &mut out);
+        assert_eq!(frames(&mut out), ["p1", "p2", "p3", "p4", "p5"]);
+        assert_eq!((s.queued_bytes(), node.total()), (10, 10));
+        // A push dropped on its way only moves the head; no read while there is no room.
+        let mut evicted = live(10);
+        evicted.payload = Bytes::new();
+        assert!(evicted.is_evicted());
+        s.offer(evicted, t);
+        assert_eq!(s.fetch(t), None);
+        // Acknowledgements make room: what was dropped is read from the database.
+        s.ack(Some(3), None);
+        assert_eq!(s.queued_bytes(), 4);
+        // (An acknowledgement has no `now` of its own: it asks for a read at the clock's now.)
+        let t = Instant::now();
+        let f = s.fetch(t).expect("a read once there is room");
+        assert_eq!(f.from, 6);
+        // Stored pushes are larger than the room left: dropped again, and not read again
+        // before more room is made.
+        s.fill(
+            f,
+            (6..=10).map(|seq| row(seq, 10, None)).collect(),
+            None,
+            t,
+            10,
+        );
+        assert_eq!(s.queued_bytes(), 4);
+        assert_eq!(s.fetch(t), None);
+        // Long after the gap was first seen, and with no node holding a position, a read
+        // whose rows find no room is no hole.
+        let later = Instant::now() + Duration::from_secs(60);
+        s.ack(Some(4), None);
+        let f = s.fetch(later).expect("a read once there is room");
+        s.fill(
+            f,
+            (6..=10).map(|seq| row(seq, 10, None)).collect(),
+            Some(0),
+            later,
+            10,
+        );
+        assert_eq!(s.next, 6, "stored positions are not skipped as holes");
+        s.ack(Some(5), None);
+        let t = Instant::now() + Duration::from_secs(61);
+        let f = s.fetch(t).expect("a read once there is room");
+        assert_eq!(f.from, 6);
+        // An empty stream takes one push, whatever its size.
+        s.fill(
+            f,
+            (6..=10).map(|seq| row(seq, 10, None)).collect(),
+            None,
+            t,
+            10,
+        );
+        s.pump(t, &mut out);
+        assert_eq!(frames(&mut out), ["r6"]);
+        drop(s);
+        assert_eq!(node.total(), 0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod connection;
 pub mod delivery;
 pub mod descriptors;
 pub mod ids;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod node;

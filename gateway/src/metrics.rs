@@ -252,6 +252,10 @@ pub fn counter_kick(reason: KickReason) {
     metrics::counter!(KICKS, "reason" => reason.as_str()).increment(1);
 }
 
+pub fn counter_rate_limited(limit: &'static str) {
+    metrics::counter!(RATE_LIMITED, "limit" => limit).increment(1);
+}
+
 pub fn counter_heartbeat_timeout() {
     metrics::counter!(HEARTBEAT_TIMEOUTS).increment(1);
 }

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{unix_millis, AuthSetupError, Authenticator};
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::Settings;
+use crate::limits::Rate;
 use crate::metrics::HotMetrics;
 use crate::registry::{Registry, TransportKind};
 use crate::router::Router;
@@ -29,6 +30,10 @@ pub struct Node {
     pub prometheus: PrometheusHandle,
     pub started_at: Instant,
     pub started_at_ms: u64,
+    /// Send-rate buckets of the users connected here (`client.user_send_rate`).
+    pub user_sends: crate::limits::UserSendLimits,
+    /// Login-rate buckets of source addresses (`client.login_rate`).
+    pub logins: crate::limits::LoginLimits,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     /// Connection tasks and the tasks processing messages; shutdown waits for them.
@@ -118,10 +123,13 @@ impl Node {
                 crate::metrics::gauge_connections(transport, channel, 0.0);
             }
         }
-        let registry = Arc::new(Registry::new(crate::registry::QueuedBytes::new(
-            settings.client.max_queued_bytes,
-            settings.client.max_queued_bytes_total,
-        )));
+        let registry = Arc::new(
+            Registry::new(crate::registry::QueuedBytes::new(
+                settings.client.max_queued_bytes,
+                settings.client.max_queued_bytes_total,
+            ))
+            .with_max_per_user(settings.channels.max_connections_per_user as usize),
+        );
         let store = Store::open(&settings.store).await?;
         let cluster = match Cluster::start(&settings, registry.clone()).await {
             Ok(cluster) => cluster,
@@ -137,8 +145,17 @@ impl Node {
             registry.queued().clone(),
         ));
         let router = Router::new(&settings, registry, tag, metrics.clone(), store, cluster);
+        let c = &settings.client;
+        let user_sends =
+            crate::limits::UserSendLimits::new(Rate::new(c.user_send_rate, c.user_send_burst));
+        let logins = crate::limits::LoginLimits::new(
+            Rate::new(c.login_rate, c.login_burst),
+            c.login_rate_max_addresses,
+        );
         Ok(Node {
             streams,
+            user_sends,
+            logins,
             settings,
             auth,
             router,
@@ -223,6 +240,10 @@ impl Node {
             .set(self.registry().queued().total() as f64);
         ::metrics::gauge!(crate::store::metric::QUEUE_AGE)
             .set(self.store().queue_age_ms() as f64 / 1000.0);
+        ::metrics::gauge!(crate::metrics::RATE_LIMIT_ENTRIES, "table" => "user")
+            .set(self.user_sends.len() as f64);
+        ::metrics::gauge!(crate::metrics::RATE_LIMIT_ENTRIES, "table" => "address")
+            .set(self.logins.len() as f64);
     }
 
     fn claim_pending(self: &Arc<Self>, ip: IpAddr) -> Result<PendingGuard, Refusal> {
@@ -257,6 +278,14 @@ impl Node {
             })
             .ok()
             .map(|_| RefusalGuard(self.clone()))
+    }
+
+    /// The per-connection send rate (`client.send_rate`, `client.send_burst`).
+    pub fn connection_send_rate(&self) -> Rate {
+        Rate::new(
+            self.settings.client.send_rate,
+            self.settings.client.send_burst,
+        )
     }
 
     pub fn open_sockets(&self) -> usize {

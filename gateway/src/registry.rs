@@ -416,12 +416,16 @@ impl ConnHandle {
     /// a stream push: that one is stored, so it is dropped from memory, and the connection reads
     /// it from the database when it has room.
     pub fn offer(&self, mut frame: Outbound) -> bool {
-        if let Some(limit) = self
+        let limited = self
             .outbox
             .node_bytes
             .check(self.queued_bytes(), frame.payload.len())
-        {
-            if frame.stamp.seq == 0 || frame.skip {
+            // A broadcast's payload is one allocation shared by all its recipients: counted per
+            // connection, it would make a large broadcast look like the node's memory filling
+            // up, and kick connections for it. Only its connection's own limit applies.
+            .filter(|&limit| !(limit == MemoryLimit::Node && frame.stamp.seq == 0));
+        if let Some(limit) = limited {
+            if frame.stamp.seq == 0 {
                 metrics::counter!(crate::metrics::MEMORY_LIMITED, "limit" => limit.as_str(), "action" => "kick")
                     .increment(1);
                 self.control.kick(KickReason::SlowConsumer);
@@ -446,6 +450,8 @@ impl ConnHandle {
 pub enum RegisterError {
     #[error("user already connected on this channel type")]
     Duplicate,
+    #[error("user holds the most connections allowed")]
+    TooMany,
 }
 
 /// The local map of live connections.
@@ -455,6 +461,8 @@ pub struct Registry {
     connections: AtomicUsize,
     /// Payload bytes queued for the connections, and their limits.
     queued: Arc<QueuedBytes>,
+    /// Most connections of one user (`channels.max_connections_per_user`); 0: no limit.
+    max_per_user: usize,
 }
 
 impl Registry {
@@ -463,6 +471,12 @@ impl Registry {
             queued: Arc::new(queued),
             ..Registry::default()
         }
+    }
+
+    /// Limits each user to `max` connections on this node (0: no limit).
+    pub fn with_max_per_user(mut self, max: usize) -> Self {
+        self.max_per_user = max;
+        self
     }
 
     /// The node's queued bytes and their limits, shared with every connection.
@@ -480,6 +494,16 @@ impl Registry {
         let mut entry = self.users.entry(conn.user.clone()).or_default();
         let conns = entry.value_mut();
         let same_channel = |c: &Arc<ConnHandle>| c.channel == conn.channel;
+        let staying = match policy {
+            DuplicateLoginPolicy::KickOld => conns.iter().filter(|c| !same_channel(c)).count(),
+            _ => conns.len(),
+        };
+        if self.max_per_user > 0
+            && staying >= self.max_per_user
+            && !(policy == DuplicateLoginPolicy::RejectNew && conns.iter().any(same_channel))
+        {
+            return Err(RegisterError::TooMany);
+        }
         let mut displaced = Vec::new();
         match policy {
             DuplicateLoginPolicy::AllowMultiple => {}
@@ -729,6 +753,25 @@ mod tests {
         assert_eq!(r.user_count(), 0);
     }
 
+    #[test]
+    fn connections_per_user_are_limited() {
+        let r = Registry::default().with_max_per_user(2);
+        let many = DuplicateLoginPolicy::AllowMultiple;
+        r.register(conn("a", "app"), many).unwrap();
+        r.register(conn("a", "web"), many).unwrap();
+        assert!(matches!(
+            r.register(conn("a", "pc"), many),
+            Err(RegisterError::TooMany)
+        ));
+        // A login that displaces one of them stays within the limit.
+        let displaced = r
+            .register(conn("a", "web"), DuplicateLoginPolicy::KickOld)
+            .unwrap();
+        assert_eq!(displaced.len(), 1);
+        assert_eq!(r.connections_of("a", None).len(), 2);
+        r.register(conn("b", "app"), many).unwrap();
+    }
+
     fn frame(seq: u64) -> Outbound {
         Outbound {
             payload: Bytes::from_static(b"{}"),
@@ -800,6 +843,61 @@ mod tests {
             Some(KickReason::Admin),
             "the first reason wins"
         );
+    }
+
+    #[test]
+    fn memory_limits_drop_stream_pushes_and_kick_for_others() {
+        let node = Arc::new(QueuedBytes::new(100, 150));
+        let c = |user: &str| {
+            ConnHandle::new(
+                user.into(),
+                "app".into(),
+                "d".into(),
+                TransportKind::Tcp,
+                64,
+                node.clone(),
+            )
+        };
+        let push = |seq: u64, len: usize| Outbound {
+            payload: Bytes::from(vec![b'x'; len]),
+            accepted: None,
+            stamp: Stamp {
+                id: MessageId(seq),
+                seq,
+            },
+            skip: false,
+        };
+        let a = c("a");
+        // A connection holding nothing takes a push larger than its limit.
+        assert!(a.offer(push(1, 120)));
+        assert_eq!((a.queued_bytes(), node.total()), (120, 120));
+        // Past it, a stream push keeps its place but not its payload.
+        assert!(a.offer(push(2, 10)));
+        assert_eq!(a.queued_bytes(), 120);
+        let b = c("b");
+        assert!(b.offer(push(1, 20)));
+        // Past the node's limit, likewise for a connection that holds something.
+        assert!(b.offer(push(2, 20)));
+        assert_eq!((b.queued_bytes(), node.total()), (20, 140));
+        let frames: Vec<_> = match b.outbox.poll_recv(
+            &mut Context::from_waker(futures_util::task::noop_waker_ref()),
+            8,
+        ) {
+            Poll::Ready(f) => f.into_iter().collect(),
+            Poll::Pending => panic!(),
+        };
+        assert!(!frames[0].is_evicted() && frames[1].is_evicted());
+        assert_eq!(node.total(), 120, "taken out: the task accounts for them");
+        // A broadcast (its payload shared by every recipient) meets only the connection's limit.
+        b.set_held_bytes(20, 0);
+        assert!(node.node_over() || node.total() + 40 > 150);
+        assert!(b.offer(Outbound::unsequenced(Bytes::from(vec![b'y'; 40]), None)));
+        assert_eq!(b.control.reason(), None);
+        // Any other push past a limit kicks.
+        assert!(!b.offer(Outbound::unsequenced(Bytes::from(vec![b'y'; 90]), None)));
+        assert_eq!(b.control.reason(), Some(KickReason::SlowConsumer));
+        drop((a, b));
+        assert_eq!(node.total(), 0, "everything is given back");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{metric_value, Client, TestNode};
-use imgate_shared::{ClientFrame, ServerFrame};
+use imgate::config::{DuplicateLoginPolicy, RoutingMode};
+use imgate_shared::{ClientFrame, ErrorCode, SendStatus, ServerFrame};
 use reqwest::Method;
 use serde_json::json;
 
@@ -94,4 +95,257 @@ async fn slow_consumers_hold_bounded_bytes_and_lose_nothing() {
         assert_eq!(seen, (1..=MESSAGES).collect::<Vec<_>>());
     }
     node.stop().await;
+}
+
+/// Sends `n` messages to `to` and returns the receipts' (status, reason, retry_after_ms).
+async fn send_n(
+    client: &mut Client,
+    to: &str,
+    n: usize,
+) -> Vec<(SendStatus, Option<ErrorCode>, Option<u64>)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        match client.send_text(to, "hi").await {
+            ServerFrame::SendResult {
+                status,
+                reason,
+                retry_after_ms,
+                ..
+            } => out.push((status, reason, retry_after_ms)),
+            other => panic!("{other:?}"),
+        }
+    }
+    out
+}
+
+fn accepted(receipts: &[(SendStatus, Option<ErrorCode>, Option<u64>)]) -> usize {
+    receipts
+        .iter()
+        .filter(|(s, _, _)| *s != SendStatus::Refused)
+        .count()
+}
+
+/// A tiny burst and a refill of one token in about 17 minutes: what is accepted does not depend
+/// on timing.
+#[tokio::test]
+async fn sends_beyond_the_connection_rate_are_refused_and_the_connection_stays() {
+    let node = TestNode::start_with(|s| {
+        s.client.send_rate = 0.001;
+        s.client.send_burst = 3;
+    })
+    .await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let receipts = send_n(&mut alice, "bob", 5).await;
+    assert_eq!(accepted(&receipts), 3, "{receipts:?}");
+    for (status, reason, retry) in &receipts[3..] {
+        assert_eq!(*status, SendStatus::Refused);
+        assert_eq!(*reason, Some(ErrorCode::RateLimited));
+        assert!(retry.is_some_and(|ms| ms > 1_000), "{retry:?}");
+    }
+    // The connection stays open, and a second connection has its own bucket.
+    alice.send(ClientFrame::Heartbeat {}).await;
+    assert!(matches!(
+        alice.recv().await,
+        Some(ServerFrame::HeartbeatAck { .. })
+    ));
+    let mut alice_web = node.login(&node.ws(), "alice", "web").await;
+    assert_eq!(accepted(&send_n(&mut alice_web, "bob", 1).await), 1);
+    // The admin API (the backend) is not limited by client send rates.
+    for _ in 0..5 {
+        let (status, reply) = node
+            .admin_json(
+                Method::POST,
+                "/api/v1/messages",
+                Some(json!({"to": "bob", "from": "alice", "body": {"text": "x"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_rate_limited_total",
+            &["limit=\"connection\""]
+        ),
+        2.0
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_user_rate_spans_the_users_connections_and_its_entry_goes_with_them() {
+    let node = TestNode::start_with(|s| {
+        s.client.user_send_rate = 0.001;
+        s.client.user_send_burst = 4;
+    })
+    .await;
+    let mut app = node.login(&node.tcp(), "alice", "app").await;
+    let mut web = node.login(&node.ws(), "alice", "web").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    assert_eq!(accepted(&send_n(&mut app, "carol", 3).await), 3);
+    let receipts = send_n(&mut web, "carol", 3).await;
+    assert_eq!(accepted(&receipts), 1, "{receipts:?}");
+    assert_eq!(receipts[1].1, Some(ErrorCode::RateLimited));
+    assert!(receipts[1].2.is_some());
+    // Another user is not affected.
+    assert_eq!(accepted(&send_n(&mut bob, "carol", 3).await), 3);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "imgate_rate_limited_total", &["limit=\"user\""]),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "imgate_rate_limit_entries", &["table=\"user\""]),
+        2.0
+    );
+    // The server leaves its tables before it closes the socket: once the client sees the
+    // close, alice's entry is gone.
+    for mut c in [app, web] {
+        c.send(ClientFrame::Logout {}).await;
+        c.until_closed().await;
+    }
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "imgate_rate_limit_entries", &["table=\"user\""]),
+        1.0
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn logins_beyond_the_address_rate_are_refused() {
+    let node = TestNode::start_with(|s| {
+        s.client.login_rate = 0.001;
+        s.client.login_burst = 2;
+    })
+    .await;
+    let _a = node.login(&node.tcp(), "a", "app").await;
+    // A failed login counts too: attempts are limited, not successes.
+    let mut bad = Client::connect(&node.ws()).await;
+    let reply = bad.login("not-a-token", "app", None).await;
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Error {
+                error: ErrorCode::TokenInvalid,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let mut c = Client::connect(&node.tcp()).await;
+    let reply = c.login(&node.token("c"), "app", None).await;
+    match reply {
+        ServerFrame::Error {
+            error: ErrorCode::RateLimited,
+            code: 4000,
+            retry_after_ms: Some(ms),
+            ..
+        } => assert!(ms > 1_000, "{ms}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(c.recv().await.is_none(), "the connection is closed");
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_rate_limited_total",
+            &["limit=\"address\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_logins_total",
+            &["result=\"RATE_LIMITED\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_rate_limit_entries",
+            &["table=\"address\""]
+        ),
+        1.0
+    );
+    node.stop().await;
+}
+
+/// Logs `user` in on `channel` and returns the error it gets (panics on success).
+async fn login_error(node: &TestNode, user: &str, channel: &str) -> ErrorCode {
+    let mut c = Client::connect(&node.tcp()).await;
+    match c.login(&node.token(user), channel, None).await {
+        ServerFrame::Error { error, .. } => {
+            assert!(c.recv().await.is_none(), "the connection is closed");
+            error
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connections_per_user_are_limited() {
+    let node = TestNode::start_with(|s| {
+        s.channels.duplicate_login = DuplicateLoginPolicy::AllowMultiple;
+        s.channels.max_connections_per_user = 2;
+    })
+    .await;
+    let mut first = node.login(&node.tcp(), "alice", "app").await;
+    let _second = node.login(&node.ws(), "alice", "app").await;
+    assert_eq!(
+        login_error(&node, "alice", "web").await,
+        ErrorCode::TooManyConnections
+    );
+    let _bob = node.login(&node.tcp(), "bob", "app").await;
+    // The server leaves the registry before it closes the socket.
+    first.send(ClientFrame::Logout {}).await;
+    first.until_closed().await;
+    let _third = node.login(&node.tcp(), "alice", "web").await;
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_logins_total",
+            &["result=\"TOO_MANY_CONNECTIONS\""]
+        ),
+        1.0
+    );
+    node.stop().await;
+}
+
+/// Two nodes on one Redis: the limit counts the user's connections on every node, in the same
+/// atomic step that registers one.
+#[tokio::test]
+async fn connections_per_user_are_limited_across_the_cluster() {
+    let prefix = common::random_prefix();
+    let configure = |i: usize, prefix: String| {
+        move |s: &mut imgate::Settings| {
+            let db = format!("sqlite://{}", common::temp_path("db").display());
+            common::cluster_settings(s, i, &prefix, &db, RoutingMode::Routed);
+            s.channels.duplicate_login = DuplicateLoginPolicy::AllowMultiple;
+            s.channels.max_connections_per_user = 2;
+        }
+    };
+    let a = TestNode::start_with(configure(1, prefix.clone())).await;
+    let b = TestNode::start_with(configure(2, prefix.clone())).await;
+    let _on_a = a.login(&a.tcp(), "alice", "app").await;
+    let mut on_b = b.login(&b.tcp(), "alice", "app").await;
+    // Each node holds one: the refusal comes from the cluster-wide count.
+    assert_eq!(
+        login_error(&a, "alice", "web").await,
+        ErrorCode::TooManyConnections
+    );
+    assert_eq!(
+        login_error(&b, "alice", "pc").await,
+        ErrorCode::TooManyConnections
+    );
+    // Closing one makes room (the server leaves presence before it closes the socket).
+    on_b.send(ClientFrame::Logout {}).await;
+    on_b.until_closed().await;
+    let _again = a.login(&a.tcp(), "alice", "web").await;
+    a.stop().await;
+    b.stop().await;
 }

@@ -204,6 +204,8 @@ pub struct Receipt {
     pub status: SendStatus,
     pub connections: u32,
     pub reason: Option<ErrorCode>,
+    /// With `reason` `RATE_LIMITED`: milliseconds until the server would accept a send.
+    pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -954,7 +956,7 @@ async fn on_frame(
             status,
             connections,
             reason,
-            ..
+            retry_after_ms,
         } => {
             if let Some(p) = state.pending.remove(&client_msg_id) {
                 let _ = p.reply.send(Receipt {
@@ -962,6 +964,7 @@ async fn on_frame(
                     status,
                     connections,
                     reason,
+                    retry_after_ms,
                 });
             }
             Ok(())

@@ -180,6 +180,8 @@ pub enum RegisterOutcome {
     Registered,
     /// reject_new: the user is connected on this channel type elsewhere.
     Rejected,
+    /// The user holds `channels.max_connections_per_user` connections in the cluster.
+    TooMany,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -683,6 +685,7 @@ impl Cluster {
         let deadline = Instant::now() + inner.request_timeout;
         match timeout_at(deadline, redis.presence.register(conn, policy)).await {
             Ok(Ok(Registration::Rejected)) => Ok(RegisterOutcome::Rejected),
+            Ok(Ok(Registration::TooMany)) => Ok(RegisterOutcome::TooMany),
             Ok(Ok(Registration::Registered {
                 generation,
                 displaced,

@@ -78,6 +78,8 @@ pub(crate) enum Registration {
         displaced: Vec<StoredEntry>,
     },
     Rejected,
+    /// The user holds `channels.max_connections_per_user` live connections already.
+    TooMany,
 }
 
 pub(crate) fn policy_arg(p: DuplicateLoginPolicy) -> &'static str {
@@ -177,10 +179,14 @@ impl Presence {
             policy_arg(policy).to_owned(),
             KEY_TTL.as_millis().to_string(),
             self.instance.clone(),
+            self.channels.max_connections_per_user.to_string(),
         ];
         let reply = self.scripts.register.run(&self.client, keys, args).await?;
         let mut items = into_array(reply).into_iter();
         let generation = items.next().and_then(|v| v.as_i64()).unwrap_or(0);
+        if generation == -2 {
+            return Ok(Registration::TooMany);
+        }
         if generation < 0 {
             return Ok(Registration::Rejected);
         }

@@ -56,7 +56,8 @@ end
 ///
 /// `KEYS[1]` the user's presence hash. `ARGV`: node key prefix, field (`{instance}:{conn_id}`),
 /// entry JSON object without `generation`, channel type, policy (`kick_old` | `reject_new` |
-/// `allow_multiple`), hash TTL in ms, this node's instance.
+/// `allow_multiple`), hash TTL in ms, this node's instance, the most connections of one user
+/// (`0`: no limit).
 ///
 /// Bumps the generation counter `#gen:{channel}`, stores the entry with it, and returns
 /// `{generation, displaced entry JSON...}`: under `kick_old` the live entries of the same channel
@@ -64,14 +65,25 @@ end
 /// `reject_new` returns `{-1}` and writes nothing when another instance holds a live entry of the
 /// channel type. Entries of the registering instance are left alone: between connections of one
 /// node its local registry decides (it already did, in the order the logins happened there).
+/// Returns `{-2}` and writes nothing when the user's live connections that stay (under `kick_old`
+/// those of other channel types: this instance's of the same type were displaced locally) number
+/// the limit already; counted in the same step that registers, so racing logins on several
+/// nodes cannot exceed it.
 const REGISTER: &str = r#"
 local key, field, json, channel, policy, ttl, instance =
   KEYS[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local same = {}
+local max = tonumber(ARGV[8]) or 0
+local same, staying = {}, 0
 for _, x in ipairs(live_entries(key)) do
-  if x.entry.node_instance ~= instance and x.entry.channel == channel then same[#same + 1] = x end
+  if x.entry.channel == channel then
+    if x.entry.node_instance ~= instance then same[#same + 1] = x end
+    if policy ~= 'kick_old' then staying = staying + 1 end
+  else
+    staying = staying + 1
+  end
 end
 if policy == 'reject_new' and #same > 0 then return {-1} end
+if max > 0 and staying >= max then return {-2} end
 local result = {0}
 if policy == 'kick_old' then
   for _, x in ipairs(same) do
