@@ -34,10 +34,21 @@ pub mod metric {
 }
 
 /// This node's positions that are taken (or being taken) and not settled, per user.
-#[derive(Default)]
 pub(crate) struct Reservations {
     users: DashMap<Arc<str>, Vec<(u64, Option<u64>)>>,
     next_token: AtomicU64,
+    /// [`metric::RESERVATIONS`], resolved once: it moves twice per message.
+    gauge: metrics::Gauge,
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        Reservations {
+            users: DashMap::new(),
+            next_token: AtomicU64::new(0),
+            gauge: metrics::gauge!(metric::RESERVATIONS),
+        }
+    }
 }
 
 impl Reservations {
@@ -62,7 +73,7 @@ impl Reservations {
                     .push((token, None));
             }
         }
-        metrics::gauge!(metric::RESERVATIONS).increment(1.0);
+        self.gauge.increment(1.0);
         token
     }
 
@@ -79,7 +90,7 @@ impl Reservations {
             held.retain(|(t, _)| *t != token);
         }
         self.users.remove_if(user, |_, held| held.is_empty());
-        metrics::gauge!(metric::RESERVATIONS).decrement(1.0);
+        self.gauge.decrement(1.0);
     }
 }
 
