@@ -46,7 +46,7 @@ const MAX_DEFERRED_SENDS: usize = 64;
 /// The retry hint of a send refused because its connection has too many sends unanswered.
 const BACKLOG_RETRY_MS: u64 = 100;
 /// A database read of a device stream, running in a task of its own.
-/// A database read of a device stream, and for a probe the number of its positions some node
+/// A database read of a device stream, and for a probe the lowest of its positions some node
 /// still holds (see [`Fetch`]).
 type PageFuture = JoinHandle<Result<(Vec<StoredMessage>, Option<u64>), StoreError>>;
 
@@ -599,12 +599,12 @@ impl Connection {
                     let read: PageFuture = tokio::spawn(async move {
                         // Asked before the read: a missing position that no node holds and
                         // that a later read does not find will never be stored.
-                        let holders = match f.probe {
-                            Some((from, to)) => cluster.holders(&user, from, to).await,
+                        let held = match f.probe {
+                            Some((from, to)) => cluster.lowest_held(&user, from, to).await,
                             None => None,
                         };
                         let rows = store.stream(&user, f.from, f.limit).await?;
-                        Ok((rows, holders))
+                        Ok((rows, held))
                     });
                     fetch = Some((f, read));
                 }
@@ -636,7 +636,7 @@ impl Connection {
                     let (f, _) = fetch.take().expect("guarded");
                     let now = Instant::now();
                     match rows {
-                        Ok(Ok((rows, holders))) => stream.fill(f, rows, holders, now, unix_millis()),
+                        Ok(Ok((rows, held))) => stream.fill(f, rows, held, now, unix_millis()),
                         Ok(Err(e)) => {
                             debug!(peer = %self.peer, conn = handle.id, user = &*handle.user, error = %crate::logging::esc(&e), "cannot read the stream; trying again");
                             stream.fetch_failed(now);

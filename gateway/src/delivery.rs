@@ -187,9 +187,9 @@ pub struct AckTimeout;
 
 /// A database read the connection should start: positions from `from` on, at most `limit`.
 /// With `probe`, a run of missing positions (`from..=to`) that the database did not have when
-/// last read: before the read, the connection asks whether any node still holds one of them
-/// ([`Cluster::holders`](crate::cluster::Cluster::holders)), and hands the answer to
-/// [`DeviceStream::fill`].
+/// last read: before the read, the connection asks for the lowest of them that a node still
+/// holds ([`Cluster::lowest_held`](crate::cluster::Cluster::lowest_held)), and hands the
+/// answer to [`DeviceStream::fill`].
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub struct Fetch {
     pub from: u64,
@@ -405,13 +405,14 @@ impl DeviceStream {
     }
 
     /// The result of the read [`fetch`](Self::fetch) asked for: rows in position order, and
-    /// for a probe, how many of its positions some node still holds (asked before the read;
-    /// `None` when not every node answered). `now_ms` is the wall clock, for the retention.
+    /// for a probe, the lowest of its positions some node still holds (asked before the read;
+    /// 0 for none, `None` when not every node answered). `now_ms` is the wall clock, for the
+    /// retention.
     pub fn fill(
         &mut self,
         fetch: Fetch,
         rows: Vec<StoredMessage>,
-        holders: Option<u64>,
+        lowest_held: Option<u64>,
         now: Instant,
         now_ms: u64,
     ) {
@@ -442,13 +443,14 @@ impl DeviceStream {
         if !self.exhausted {
             self.fetch_soon(now);
         }
-        // No node held any of the probed positions, and a read started after they all
-        // answered does not have them either: they will never be stored. Skip them (only
+        // Probed positions below the lowest one a node still holds, which a read started after
+        // every node answered does not have either, will never be stored. Skip them (only
         // them: positions that became known meanwhile were not asked about).
-        if let (Some((from, to)), Some(0)) = (fetch.probe, holders) {
+        if let (Some((from, to)), Some(held)) = (fetch.probe, lowest_held) {
             let skip_to = self
                 .first_known()
                 .min(to + 1)
+                .min(if held == 0 { u64::MAX } else { held })
                 // What the read found exists, even if the memory budget did not keep it.
                 .min(first_stored.unwrap_or(u64::MAX));
             if self.exhausted && self.missing() && self.next >= from && skip_to > self.next {
@@ -942,6 +944,18 @@ mod tests {
         s.fill(f, vec![row(3, 5, None), row(4, 5, None)], Some(0), now, 10);
         s.pump(now, &mut out);
         assert_eq!(frames(&mut out), ["r3", "p4"]);
+
+        // 5 and 6 never come, 7 is being written (a busy stream always has something in
+        // flight), 8 arrived: 5 and 6 are skipped, 7 is waited for.
+        s.offer(live(8), now);
+        s.pump(now, &mut out);
+        let now = s.deadline().unwrap().min(now + Duration::from_secs(1));
+        let f = s.fetch(now).unwrap();
+        assert_eq!(f.probe, Some((5, 7)));
+        s.fill(f, vec![row(8, 5, None)], Some(7), now, 10);
+        s.pump(now, &mut out);
+        assert!(out.is_empty(), "7 is waited for");
+        assert_eq!(s.next, 7, "5 and 6 skipped");
     }
 
     #[test]

@@ -1447,35 +1447,41 @@ async fn a_position_is_held_by_the_node_that_took_it_until_settled_or_gone() {
     }
     let c = nodes.pop().unwrap();
     let (a, b) = (&nodes[0], &nodes[1]);
-    assert_eq!(a.cluster.holders("u", 1, 10).await, Some(0));
+    assert_eq!(a.cluster.lowest_held("u", 1, 10).await, Some(0), "none");
 
-    // b asks for a position: held while its write is pending, whatever position it gets.
+    // b asks for a position. A question asked meanwhile waits for b to know its position
+    // (whichever comes first, the answer is the same), then counts it while its write is
+    // pending.
     let pending = b.cluster.reserve("u");
-    assert_eq!(a.cluster.holders("u", 1, 1).await, Some(1));
+    let asked = tokio::spawn({
+        let cluster = a.cluster.clone();
+        async move { cluster.lowest_held("u", 1, 5).await }
+    });
     pending.taken(5);
-    assert_eq!(a.cluster.holders("u", 1, 4).await, Some(0));
-    assert_eq!(a.cluster.holders("u", 5, 5).await, Some(1));
-    assert_eq!(a.cluster.holders("v", 5, 5).await, Some(0));
-    assert_eq!(b.cluster.holders("u", 5, 5).await, Some(1), "its own");
+    assert_eq!(asked.await.unwrap(), Some(5));
+    assert_eq!(a.cluster.lowest_held("u", 1, 4).await, Some(0));
+    assert_eq!(a.cluster.lowest_held("u", 5, 9).await, Some(5));
+    assert_eq!(a.cluster.lowest_held("v", 5, 5).await, Some(0));
+    assert_eq!(b.cluster.lowest_held("u", 1, 9).await, Some(5), "its own");
     // Written (or failed): settled.
     drop(pending);
-    assert_eq!(a.cluster.holders("u", 5, 5).await, Some(0));
+    assert_eq!(a.cluster.lowest_held("u", 5, 5).await, Some(0));
 
     // c takes position 6 and crashes before writing it: while c is registered, nobody can
     // say that 6 will never come; once its registration expires, it never will.
     let lost = c.cluster.reserve("u");
     lost.taken(6);
-    assert_eq!(a.cluster.holders("u", 6, 6).await, Some(1));
+    assert_eq!(a.cluster.lowest_held("u", 1, 6).await, Some(6));
     drop(c);
     assert_eq!(
-        a.cluster.holders("u", 6, 6).await,
+        a.cluster.lowest_held("u", 6, 6).await,
         None,
         "c does not answer"
     );
     wait_for(
         "c's registration to expire",
         Duration::from_millis(NODE_TTL_MS * 4),
-        || async { (a.cluster.holders("u", 6, 6).await == Some(0)).then_some(()) },
+        || async { (a.cluster.lowest_held("u", 6, 6).await == Some(0)).then_some(()) },
     )
     .await;
     drop(lost);

@@ -84,8 +84,9 @@ pub(crate) enum Envelope<'a> {
         node: Cow<'a, str>,
         count: u64,
     },
-    /// How many of `user`'s stream positions `from_seq..=to_seq` the receiving node has taken
-    /// and not yet stored or given up: answered by every node with a `Reply`, zero included.
+    /// The lowest of `user`'s stream positions `from_seq..=to_seq` that the receiving node has
+    /// taken and not yet stored or given up: answered by every node with a `Reply` whose
+    /// `count` is that position, 0 for none.
     Holds {
         req: u64,
         #[serde(borrow)]

@@ -129,6 +129,13 @@ impl Inner {
                     })?,
                     None => 0,
                 };
+                // Nodes starting a new cluster together all find no epoch; the first sets 0
+                // while the others raise the database's. Adopt what is there by now.
+                if let Some(e) = read("re-reading").await? {
+                    self.epoch.0.store(e, Ordering::Release);
+                    metrics::gauge!(metric::EPOCH).set(e as f64);
+                    return Ok(());
+                }
                 let set: Option<String> = timeout(
                     self.request_timeout,
                     client.set(

@@ -37,6 +37,8 @@ pub mod metric {
 pub(crate) struct Reservations {
     users: DashMap<Arc<str>, Vec<(u64, Option<u64>)>>,
     next_token: AtomicU64,
+    /// Woken whenever a reservation gets its position or is settled.
+    changed: tokio::sync::Notify,
     /// [`metric::RESERVATIONS`], resolved once: it moves twice per message.
     gauge: metrics::Gauge,
 }
@@ -46,20 +48,38 @@ impl Default for Reservations {
         Reservations {
             users: DashMap::new(),
             next_token: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
             gauge: metrics::gauge!(metric::RESERVATIONS),
         }
     }
 }
 
 impl Reservations {
-    /// How many of `user`'s positions in `from..=to` this node holds; a reservation whose
-    /// position is not known yet counts, since it may be any of them.
-    pub(crate) fn count(&self, user: &str, from: u64, to: u64) -> u64 {
-        self.users.get(user).map_or(0, |held| {
-            held.iter()
-                .filter(|(_, seq)| seq.is_none_or(|s| (from..=to).contains(&s)))
-                .count() as u64
-        })
+    /// The lowest of `user`'s positions in `from..=to` that this node holds, 0 when none. First
+    /// waits until every reservation of `user` made before the question has its position (or
+    /// is settled). Those made after it cannot get a
+    /// position in `from..=to`: whoever asks has seen a later position of the stream, so it
+    /// was handed out before they asked Redis for theirs. (Counting them would answer "held"
+    /// nearly always for a busy user, whose next position is always being asked for.)
+    pub(crate) async fn lowest_when_known(&self, user: &str, from: u64, to: u64) -> u64 {
+        let asked = self.next_token.load(Ordering::Acquire);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (lowest, unknown) = self.users.get(user).map_or((0, 0), |held| {
+                held.iter()
+                    .fold((0, 0), |(low, u), &(token, seq)| match seq {
+                        Some(s) if (from..=to).contains(&s) => (lowest_of(low, s), u),
+                        None if token < asked => (low, u + 1),
+                        _ => (low, u),
+                    })
+            });
+            if unknown == 0 {
+                return lowest;
+            }
+            changed.await;
+        }
     }
 
     fn add(&self, user: &str) -> u64 {
@@ -83,6 +103,7 @@ impl Reservations {
                 entry.1 = Some(seq);
             }
         }
+        self.changed.notify_waiters();
     }
 
     fn remove(&self, user: &str, token: u64) {
@@ -91,6 +112,15 @@ impl Reservations {
         }
         self.users.remove_if(user, |_, held| held.is_empty());
         self.gauge.decrement(1.0);
+        self.changed.notify_waiters();
+    }
+}
+
+/// The lower of two positions where 0 means none.
+pub(crate) fn lowest_of(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
     }
 }
 
@@ -135,17 +165,26 @@ impl Cluster {
         }
     }
 
-    /// How many of `user`'s positions `from..=to` are held, on this node and every other live
-    /// node: `Some(0)` when it is certain that no node may still store one of them, `None` when
-    /// a live node did not answer (within `cluster.request_timeout_ms`) or the node list could
-    /// not be read.
-    pub async fn holders(&self, user: &str, from: u64, to: u64) -> Option<u64> {
+    /// The lowest of `user`'s positions `from..=to` that this node or any other live node holds:
+    /// `Some(0)` when it is certain that no node may still store any of them (so a position
+    /// below the answer that the database does not have will never be stored), `None` when a
+    /// live node did not answer (within `cluster.request_timeout_ms`) or the node list could not
+    /// be read.
+    pub async fn lowest_held(&self, user: &str, from: u64, to: u64) -> Option<u64> {
         let inner = &self.inner;
-        let local = inner.reservations.count(user, from, to);
+        let local = tokio::time::timeout(
+            inner.request_timeout,
+            inner.reservations.lowest_when_known(user, from, to),
+        )
+        .await
+        .ok();
         let answer = match (&inner.redis, local) {
-            (_, n) if n > 0 => Some(n),
-            (None, _) => Some(0),
-            (Some(redis), _) => inner.holds_elsewhere(redis, user, from, to).await,
+            (_, None) => None,
+            (None, local) => local,
+            (Some(redis), Some(local)) => inner
+                .holds_elsewhere(redis, user, from, to)
+                .await
+                .map(|remote| lowest_of(local, remote)),
         };
         let outcome = match answer {
             Some(0) => "none",
@@ -161,8 +200,8 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_reservation_counts_until_it_is_dropped_and_unknown_positions_count_everywhere() {
+    #[tokio::test]
+    async fn a_reservation_counts_until_it_is_settled_and_questions_wait_for_earlier_ones() {
         let table = Arc::new(Reservations::default());
         let make = |user: &str| Reservation {
             table: table.clone(),
@@ -170,22 +209,28 @@ mod tests {
             token: table.add(user),
         };
         let a = make("u");
-        assert_eq!(
-            table.count("u", 5, 5),
-            1,
-            "not taken yet: may be any position"
-        );
         a.taken(7);
-        assert_eq!(table.count("u", 5, 6), 0);
-        assert_eq!(table.count("u", 7, 9), 1);
+        assert_eq!(table.lowest_when_known("u", 5, 6).await, 0);
+        assert_eq!(table.lowest_when_known("u", 7, 9).await, 7);
+        assert_eq!(table.lowest_when_known("v", 1, 100).await, 0);
+        // A reservation still asking for its position, made before the question: the answer
+        // waits for its position.
         let b = make("u");
-        b.taken(8);
-        assert_eq!(table.count("u", 1, 100), 2);
-        assert_eq!(table.count("v", 1, 100), 0);
-        drop(a);
-        assert_eq!(table.count("u", 7, 7), 0);
-        assert_eq!(table.count("u", 8, 8), 1);
-        drop(b);
+        let question = tokio::spawn({
+            let table = table.clone();
+            async move { table.lowest_when_known("u", 1, 10).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!question.is_finished(), "waits for b's position");
+        // One made after the question does not hold it up.
+        let c = make("u");
+        b.taken(4);
+        assert_eq!(question.await.unwrap(), 4, "the lower of 7 and 4");
+        c.taken(11);
+        drop((a, b));
+        assert_eq!(table.lowest_when_known("u", 1, 10).await, 0);
+        assert_eq!(table.lowest_when_known("u", 1, 11).await, 11);
+        drop(c);
         assert!(
             table.users.is_empty(),
             "nothing kept for a user with no reservation"

@@ -214,8 +214,9 @@ impl Inner {
         }
     }
 
-    /// How many of `user`'s positions `from..=to` the other live nodes hold (see `holds.rs`):
-    /// `None` unless every node in the registry answered by the request timeout.
+    /// The lowest of `user`'s positions `from..=to` that the other live nodes hold, 0 when none
+    /// (see `holds.rs`): `None` unless every node in the registry answered by the request
+    /// timeout.
     pub(super) async fn holds_elsewhere(
         &self,
         redis: &Redis,
@@ -272,9 +273,9 @@ impl Inner {
         let mut held = 0;
         while !waiting.is_empty() {
             match timeout_at(deadline, rx.recv()).await {
-                Ok(Some((node, n))) => {
+                Ok(Some((node, lowest))) => {
                     if waiting.remove(&node) {
-                        held += n;
+                        held = super::holds::lowest_of(held, lowest);
                     }
                 }
                 _ => {
@@ -496,8 +497,22 @@ impl Inner {
                 if from_instance == mine {
                     return;
                 }
-                let n = self.reservations.count(&user, from_seq, to_seq);
-                self.reply(&from, &from_instance, req, n);
+                // Answered once this node's reservations of the user made before the question
+                // have their positions: in a task, not to hold up the receive loop.
+                let (inner, user, from, from_instance) = (
+                    self.clone(),
+                    user.into_owned(),
+                    from.into_owned(),
+                    from_instance.into_owned(),
+                );
+                tokio::spawn(async move {
+                    let lowest = inner
+                        .reservations
+                        .lowest_when_known(&user, from_seq, to_seq);
+                    if let Ok(n) = tokio::time::timeout(inner.request_timeout, lowest).await {
+                        inner.reply(&from, &from_instance, req, n);
+                    }
+                });
             }
             Envelope::Ping { .. } => {}
         }
