@@ -7,10 +7,12 @@
 //! It may be skipped only when it is certain that it will never be stored: its write failed, or
 //! the node that took it is gone. Every node therefore keeps a [`Reservation`] for each position
 //! it has asked for (from before the request to Redis until its write has succeeded or failed),
-//! and a connection that finds a position missing, after the database said it does not have it,
-//! asks every live node (the node registry says which) how many of the positions are still held
-//! ([`Cluster::holders`]). Only a complete answer of zero, followed by a read of the database
-//! that still does not find the position, lets the connection skip it.
+//! and a connection that finds positions missing, after the database said it does not have them,
+//! asks every live node (the node registry says which) for the lowest of them it still holds
+//! ([`Cluster::lowest_held`]). A node answers once its reservations of that user made before the
+//! question know their positions; those made later can only get later positions than the ones
+//! asked about. Only the positions below every answer, which a read of the database made after
+//! the answers still does not find, are skipped; the rest are waited for.
 //!
 //! A node that does not answer (its bus is down, it is busy, it just crashed) makes the answer
 //! incomplete: the connection waits and asks again. A crashed node stops being asked once its
@@ -25,9 +27,9 @@ use super::Cluster;
 
 /// Metric names of hole checks.
 pub mod metric {
-    /// Checks of missing positions by outcome: `held` (a node still holds one),
-    /// `none` (no node does: the positions are skipped if the database still lacks them),
-    /// `unknown` (a node did not answer) (counter).
+    /// Checks of missing positions by outcome: `held` (a node still holds one: those below it
+    /// may be skipped), `none` (no node does: the positions are skipped if the database still
+    /// lacks them), `unknown` (a node did not answer) (counter).
     pub const HOLE_CHECKS: &str = "imgate_delivery_hole_checks_total";
     /// Positions this node has taken and not yet settled (written or failed) (gauge).
     pub const RESERVATIONS: &str = "imgate_stream_reservations";
