@@ -10,9 +10,11 @@
 //! the position scripts refuse to run (`-2`) unless the caller names that epoch: a node learns
 //! that Redis lost its data from the first refusal. A counter created in epoch `E` starts at or
 //! above `E × 2^32`, so the positions of two epochs never meet. When `{p}:epoch` is missing, the
-//! next epoch comes from a durable source (the message store's `stream_epoch` row, raised by
-//! one each time, [`EpochSource`]), and is set with `SET NX` so that every node adopts the same
-//! one. The first epoch of a new cluster is 0, so that positions start at 1 as before.
+//! epoch comes from a durable source (the message store's `stream_epoch` row, [`EpochSource`]):
+//! the current one while no stream counter was created in it (nodes starting a new cluster
+//! together all find none), else the next one. It is set with `SET NX` so that every node adopts
+//! the same one. A node records an epoch as used before it creates its first counter in it. The
+//! first epoch of a new cluster is 0, so that positions start at 1 as before.
 //!
 //! Devices see the change as a jump in their stream's positions; the positions skipped are
 //! holes like any other: waited for while a node still holds one for writing, then skipped.
@@ -40,15 +42,36 @@ pub mod metric {
     pub const EPOCHS_STARTED: &str = "imgate_stream_epochs_started_total";
 }
 
-/// A durable counter of stream epochs (the message store's).
+/// The durable record of stream epochs (the message store's).
 pub trait EpochSource: Send + Sync + 'static {
-    /// The next epoch: 0 the first time, then strictly greater each time.
-    fn next_epoch(&self) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>>;
+    /// The epoch for a Redis that has none: the current one while no counter was created in
+    /// it, else the next one.
+    fn epoch_for_redis(&self) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>>;
+    /// Records that counters are created in `epoch` (before the first one is).
+    fn mark_used(
+        &self,
+        epoch: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 impl EpochSource for crate::store::Store {
-    fn next_epoch(&self) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>> {
-        Box::pin(async move { self.next_stream_epoch().await.map_err(|e| e.to_string()) })
+    fn epoch_for_redis(&self) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send + '_>> {
+        Box::pin(async move {
+            self.stream_epoch_for_redis()
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn mark_used(
+        &self,
+        epoch: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.mark_stream_epoch_used(epoch)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -98,6 +121,24 @@ impl Cluster {
 }
 
 impl Inner {
+    /// Before the first stream counter of the current epoch is created on this node: records
+    /// in the store that the epoch is used (so that a Redis found without an epoch later gets
+    /// the next one, not this one again).
+    pub(super) async fn mark_epoch_used(&self) -> Result<(), ClusterError> {
+        let epoch = self.epoch.get();
+        if epoch == UNKNOWN || self.epoch_marked.load(Ordering::Acquire) == epoch {
+            return Ok(());
+        }
+        if let Some(source) = self.epoch_source.get() {
+            source.mark_used(epoch).await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot record the stream epoch as used");
+                ClusterError::Unavailable
+            })?;
+        }
+        self.epoch_marked.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
     /// After a position script refused the epoch `seen` (the one the call named): learns the
     /// current one from Redis, or starts the next one if Redis has none. Concurrent callers
     /// wait for the first; a caller whose epoch was replaced meanwhile returns at once.
@@ -123,19 +164,12 @@ impl Inner {
             Some(e) => e,
             None => {
                 let next = match self.epoch_source.get() {
-                    Some(source) => source.next_epoch().await.map_err(|e| {
+                    Some(source) => source.epoch_for_redis().await.map_err(|e| {
                         tracing::warn!(error = %e, "cannot start a stream epoch: the store failed");
                         ClusterError::Unavailable
                     })?,
                     None => 0,
                 };
-                // Nodes starting a new cluster together all find no epoch; the first sets 0
-                // while the others raise the database's. Adopt what is there by now.
-                if let Some(e) = read("re-reading").await? {
-                    self.epoch.0.store(e, Ordering::Release);
-                    metrics::gauge!(metric::EPOCH).set(e as f64);
-                    return Ok(());
-                }
                 let set: Option<String> = timeout(
                     self.request_timeout,
                     client.set(

@@ -252,6 +252,8 @@ struct Inner {
     /// With Redis: the stream epoch this node names in position calls (see `epochs.rs`).
     epoch: Arc<epochs::EpochCell>,
     epoch_sync: tokio::sync::Mutex<()>,
+    /// The epoch this node has recorded as used (`u64::MAX`: none yet).
+    epoch_marked: AtomicU64,
     epoch_source: std::sync::OnceLock<Arc<dyn epochs::EpochSource>>,
     next_req: AtomicU64,
     metrics: BusMetrics,
@@ -446,6 +448,7 @@ impl Cluster {
             reservations: Arc::default(),
             epoch,
             epoch_sync: tokio::sync::Mutex::new(()),
+            epoch_marked: AtomicU64::new(u64::MAX),
             epoch_source: std::sync::OnceLock::new(),
             next_req: AtomicU64::new(1),
             metrics,

@@ -315,6 +315,10 @@ impl Cluster {
         let mut arg = String::new();
         let mut refusals = 0;
         loop {
+            if !arg.is_empty() {
+                // The call may create the counter: the epoch must be recorded as used first.
+                inner.mark_epoch_used().await?;
+            }
             let seen = inner.epoch.arg();
             match run(arg.clone()).await? {
                 -2 if refusals == 0 => {

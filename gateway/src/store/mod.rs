@@ -757,24 +757,49 @@ impl Store {
             .await
     }
 
-    /// Raises the stream epoch and returns it: 0 the first time (a new cluster), one more than
-    /// the last one returned afterwards. Never returns a value twice, whatever happened to
-    /// Redis in between (see `cluster::epochs`).
-    pub async fn next_stream_epoch(&self) -> Result<u64, StoreError> {
+    /// The stream epoch for a Redis that has none: the current one if no stream counter was
+    /// created in it yet (0 for a new cluster), else the next one (marked unused). Concurrent
+    /// callers raise it once. See `cluster::epochs`.
+    pub async fn stream_epoch_for_redis(&self) -> Result<u64, StoreError> {
         let pool = &self.inner.rare_writes;
         let insert = match self.inner.dialect {
-            Dialect::MySql => "INSERT IGNORE INTO stream_epoch (id, epoch) VALUES (1, -1)",
-            Dialect::Sqlite => "INSERT OR IGNORE INTO stream_epoch (id, epoch) VALUES (1, -1)",
+            Dialect::MySql => "INSERT IGNORE INTO stream_epoch (id, epoch, used) VALUES (1, 0, 0)",
+            Dialect::Sqlite => {
+                "INSERT OR IGNORE INTO stream_epoch (id, epoch, used) VALUES (1, 0, 0)"
+            }
         };
         sqlx::query(insert).execute(pool).await?;
-        sqlx::query("UPDATE stream_epoch SET epoch = epoch + 1 WHERE id = 1")
-            .execute(pool)
+        let read = || async {
+            let row = sqlx::query("SELECT epoch, used FROM stream_epoch WHERE id = 1")
+                .fetch_one(pool)
+                .await?;
+            let (epoch, used): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            let epoch = u64::try_from(epoch)
+                .map_err(|_| StoreError::Config(format!("bad stream epoch {epoch}")))?;
+            Ok::<_, StoreError>((epoch, used != 0))
+        };
+        let (epoch, used) = read().await?;
+        if !used {
+            return Ok(epoch);
+        }
+        // Raised once however many nodes ask: only from the epoch that was read.
+        sqlx::query(
+            "UPDATE stream_epoch SET epoch = epoch + 1, used = 0 WHERE id = 1 AND epoch = ?",
+        )
+        .bind(epoch as i64)
+        .execute(pool)
+        .await?;
+        Ok(read().await?.0)
+    }
+
+    /// Records that stream counters are created in `epoch`: from now on, a Redis found without
+    /// an epoch gets the next one.
+    pub async fn mark_stream_epoch_used(&self, epoch: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE stream_epoch SET used = 1 WHERE id = 1 AND epoch = ?")
+            .bind(epoch as i64)
+            .execute(&self.inner.rare_writes)
             .await?;
-        let row = sqlx::query("SELECT epoch FROM stream_epoch WHERE id = 1")
-            .fetch_one(pool)
-            .await?;
-        let epoch: i64 = row.try_get(0)?;
-        u64::try_from(epoch).map_err(|_| StoreError::Config(format!("bad stream epoch {epoch}")))
+        Ok(())
     }
 
     /// The highest committed position of `user`'s stream; 0 when the user has no message.
