@@ -148,8 +148,7 @@ async fn the_receipt_waits_for_the_commit() {
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     let mut bob = node.login(&node.tcp(), "bob", "app").await;
 
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    let mut lock = lock_messages(&db, "WRITE").await;
     alice
         .send(ClientFrame::Send {
             to: "bob".into(),
@@ -386,6 +385,27 @@ async fn warm_up(sender: &mut common::Client, to: &str) {
     assert_eq!(status, SendStatus::Stored);
 }
 
+/// A `send` to bob with a JSON body.
+fn to_bob(client_msg_id: String, body: impl serde::Serialize) -> ClientFrame {
+    ClientFrame::Send {
+        to: "bob".into(),
+        channel: None,
+        client_msg_id,
+        body: Body::from_value(&body).unwrap(),
+        retry: false,
+    }
+}
+
+/// A connection of the test's own holding `LOCK TABLES messages <mode>` (`READ`: the node's
+/// writes wait and its reads go on; `WRITE`: both wait).
+async fn lock_messages(db: &MysqlDb, mode: &str) -> sqlx::MySqlConnection {
+    let mut lock = db.connect().await;
+    lock.execute(&*format!("LOCK TABLES messages {mode}"))
+        .await
+        .unwrap();
+    lock
+}
+
 /// Waits (bounded) until `metric` (with `labels`) reaches at least `value`.
 async fn metric_reaches(node: &TestNode, metric: &str, labels: &[&str], value: f64) {
     for _ in 0..2_000 {
@@ -403,18 +423,9 @@ async fn graceful_shutdown_writes_everything_queued() {
     let node = node_on(&db, |_| {}).await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     warm_up(&mut alice, "bob").await;
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    let mut lock = lock_messages(&db, "WRITE").await;
     for i in 0..50 {
-        alice
-            .send(ClientFrame::Send {
-                to: "bob".into(),
-                channel: None,
-                client_msg_id: format!("q{i}"),
-                body: Body::from_value(&i).unwrap(),
-                retry: false,
-            })
-            .await;
+        alice.send(to_bob(format!("q{i}"), i)).await;
     }
     // Once the node has read all 50, each is in a task that shutdown waits for; the writer is
     // stuck on the lock, so nothing is written yet.
@@ -448,19 +459,10 @@ async fn a_stalled_database_delays_or_refuses_but_loses_nothing() {
     .await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     warm_up(&mut alice, "bob").await;
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    let mut lock = lock_messages(&db, "WRITE").await;
     const SENT: usize = 60;
     for i in 0..SENT {
-        alice
-            .send(ClientFrame::Send {
-                to: "bob".into(),
-                channel: None,
-                client_msg_id: format!("s{i}"),
-                body: Body::from_value(&i).unwrap(),
-                retry: false,
-            })
-            .await;
+        alice.send(to_bob(format!("s{i}"), i)).await;
     }
     // At most 25 fit (20 queued, 5 in the writer's blocked batch); the rest are refused after
     // waiting 200 ms for room. Receipts come back in send order, so they wait for the lock too.
@@ -562,15 +564,8 @@ async fn a_position_whose_commit_is_slow_is_waited_for_not_skipped() {
     .await;
 
     // Writes wait; reads go on.
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages READ").await.unwrap();
-    let send = |n: u64| ClientFrame::Send {
-        to: "bob".into(),
-        channel: None,
-        client_msg_id: format!("slow-{n}"),
-        body: Body::from_value(&json!({ "n": n })).unwrap(),
-        retry: false,
-    };
+    let mut lock = lock_messages(&db, "READ").await;
+    let send = |n: u64| to_bob(format!("slow-{n}"), json!({ "n": n }));
     alice.send(send(2)).await;
     // Pushed before its commit; the device goes away before acknowledging it.
     assert_eq!(next_seq_push(&mut bob).await.0, 2);
@@ -622,18 +617,9 @@ async fn a_connection_with_many_sends_unanswered_is_still_read() {
     let node = node_on(&db, |_| {}).await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     warm_up(&mut alice, "bob").await;
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages WRITE").await.unwrap();
+    let mut lock = lock_messages(&db, "WRITE").await;
     for i in 0..138 {
-        alice
-            .send(ClientFrame::Send {
-                to: "bob".into(),
-                channel: None,
-                client_msg_id: format!("burst-{i}"),
-                body: Body::from_value(&i).unwrap(),
-                retry: false,
-            })
-            .await;
+        alice.send(to_bob(format!("burst-{i}"), i)).await;
     }
     alice.send(ClientFrame::Heartbeat {}).await;
     // The last 10 are refused at once, in order; then the heartbeat is answered, while the
@@ -691,15 +677,8 @@ async fn new_messages_are_refused_while_the_store_queue_is_too_old() {
     let node = node_on(&db, |s| s.store.max_queue_age_ms = 200).await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;
     warm_up(&mut alice, "bob").await;
-    let mut lock = db.connect().await;
-    lock.execute("LOCK TABLES messages READ").await.unwrap();
-    let send = |n: u32| ClientFrame::Send {
-        to: "bob".into(),
-        channel: None,
-        client_msg_id: format!("old-{n}"),
-        body: Body::from_value(&n).unwrap(),
-        retry: false,
-    };
+    let mut lock = lock_messages(&db, "READ").await;
+    let send = |n: u32| to_bob(format!("old-{n}"), n);
     alice.send(send(1)).await;
     writer_waits_for_lock(&db).await;
     metric_reaches(&node, "imgate_store_queue_age_seconds", &[], 0.2).await;

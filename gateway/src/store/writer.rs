@@ -542,6 +542,10 @@ impl Writer {
 
     /// After a COMMIT: metrics, recovery log, and every sender learns its outcome.
     fn finish(&mut self, rows: &mut Vec<Row>, written: Written, elapsed: Duration) {
+        // The queue's head is no longer these rows: reset before their senders hear of them.
+        self.shared
+            .oldest_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         metrics::histogram!(metric::FLUSH_SECONDS).record(elapsed.as_secs_f64());
         if !rows.is_empty() {
             metrics::histogram!(metric::BATCH_ROWS).record(rows.len() as f64);
@@ -590,6 +594,9 @@ impl Writer {
     /// The close deadline passed with the database still failing: every row of the batch gets
     /// an error, loudly.
     fn give_up(&mut self, rows: &mut Vec<Row>, error: &AttemptError) {
+        self.shared
+            .oldest_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let n = rows.len();
         if n > 0 {
             error!(
