@@ -378,6 +378,28 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// Two routed nodes on a Redis of the test's own and `db`, under a fresh key prefix.
+async fn two_nodes_on(
+    redis: &PrivateRedis,
+    db: &MysqlDb,
+    configure: fn(&mut imgate::Settings),
+) -> Vec<IsolatedNode> {
+    let prefix = random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let (prefix, url, redis_url) = (prefix.clone(), db.url.clone(), redis.url());
+        nodes.push(
+            IsolatedNode::start_with(move |s| {
+                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
+                s.cluster.redis_url = Some(imgate::config::Secret::new(redis_url));
+                configure(s);
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
 async fn ready(node: &IsolatedNode) -> bool {
     node.http
         .get(node.url("/readyz"))
@@ -392,19 +414,7 @@ async fn a_redis_restart_loses_nothing() {
     let mut redis = PrivateRedis::start();
     redis.wait_up().await;
     let db = MysqlDb::create().await;
-    let prefix = random_prefix();
-    let mut nodes = Vec::new();
-    for i in 1..=2 {
-        let (prefix, url, redis_url) = (prefix.clone(), db.url.clone(), redis.url());
-        nodes.push(
-            IsolatedNode::start_with(move |s| {
-                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
-                s.cluster.redis_url = Some(imgate::config::Secret::new(redis_url));
-                s.cluster.request_timeout_ms = 500;
-            })
-            .await,
-        );
-    }
+    let nodes = two_nodes_on(&redis, &db, |s| s.cluster.request_timeout_ms = 500).await;
     let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
     let mut carol = nodes[0].login(&nodes[0].tcp(), "carol", "app").await;
     let mut bob = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
@@ -500,19 +510,7 @@ async fn redis_losing_its_data_while_a_write_is_in_flight_loses_nothing() {
     let redis = PrivateRedis::start();
     redis.wait_up().await;
     let db = MysqlDb::create().await;
-    let prefix = random_prefix();
-    let mut nodes = Vec::new();
-    for i in 1..=2 {
-        let (prefix, url, redis_url) = (prefix.clone(), db.url.clone(), redis.url());
-        nodes.push(
-            IsolatedNode::start_with(move |s| {
-                cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
-                s.cluster.redis_url = Some(imgate::config::Secret::new(redis_url));
-                s.delivery.gap_timeout_ms = 50;
-            })
-            .await,
-        );
-    }
+    let nodes = two_nodes_on(&redis, &db, |s| s.delivery.gap_timeout_ms = 50).await;
     let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
     let mut bob = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
     let send = |text: &str| ClientFrame::Send {
