@@ -116,3 +116,41 @@ async fn a_warning_per_refused_message_is_limited_and_counted() {
     drop(alice);
     node.stop().await;
 }
+
+/// The binary's log written to a pipe (a file, a collector) is plain text: no colour escapes.
+#[test]
+fn the_log_has_no_colour_escapes_when_not_on_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("imgate-log-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+        .args([
+            "--client-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env(
+            "IMGATE_STORE__URL",
+            format!("sqlite://{}/imgate.db", dir.display()),
+        )
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("node ready");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lines.iter().any(|l| l.contains("INFO")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains('\u{1b}')), "{lines:?}");
+}
