@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use imgate::cluster::{
 use imgate::config::{DuplicateLoginPolicy, RoutingMode, Secret, Settings};
 use imgate::ids::IdGenerator;
 use imgate::registry::Stamp;
+use imgate_loadtest::fault::PrivateRedis;
 use imgate_shared::KickReason;
 
 const NODE_TTL_MS: u64 = 1_500;
@@ -1191,7 +1191,7 @@ async fn register_embedded(cluster: &Cluster, c: &LocalConnection) -> RegisterOu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_gives_up_on_an_unreachable_redis() {
     init_tracing();
-    let port = free_port();
+    let port = imgate_loadtest::fault::free_port();
     let mut s = settings(
         &format!("redis://127.0.0.1:{port}"),
         &unique_prefix(),
@@ -1211,70 +1211,10 @@ async fn start_up_gives_up_on_an_unreachable_redis() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// A `redis-server` of this test's own, on a free port, without persistence.
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl PrivateRedis {
-    async fn start(port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let r = PrivateRedis {
-            port,
-            child: Some(child),
-        };
-        wait_for("the private redis-server to answer PING", WAIT, || async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()?;
-            s.write_all(b"PING\r\n").await.ok()?;
-            let mut buf = [0u8; 7];
-            s.read_exact(&mut buf).await.ok()?;
-            (&buf == b"+PONG\r\n").then_some(())
-        })
-        .await;
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_recover_after_a_redis_restart() {
     init_tracing();
-    let port = free_port();
-    let mut redis = PrivateRedis::start(port).await;
+    let mut redis = PrivateRedis::start().await;
     let prefix = unique_prefix();
     let a = start_node(&settings(&redis.url(), &prefix, "a", RoutingMode::Routed)).await;
     let b = start_node(&settings(&redis.url(), &prefix, "b", RoutingMode::Routed)).await;
@@ -1378,7 +1318,7 @@ async fn nodes_recover_after_a_redis_restart() {
     b.cluster.unregister("gone", 3).await;
 
     // Same port, empty data set.
-    let _redis = PrivateRedis::start(port).await;
+    redis.restart().await.unwrap();
     wait_for("both nodes to see the bus up again", WAIT, || async {
         (a.cluster.bus_up() && b.cluster.bus_up()).then_some(())
     })

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{cluster_settings, random_prefix, IsolatedNode, MysqlDb};
 use imgate::config::RoutingMode;
+use imgate_loadtest::fault::PrivateRedis;
 use imgate_shared::{ClientFrame, KickReason, SendStatus, ServerFrame};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -314,70 +315,6 @@ async fn broadcast_and_kick_through_one_node_reach_all() {
     db.drop_database().await;
 }
 
-/// A private `redis-server` on a free port, for tests that stop and restart Redis.
-struct PrivateRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    fn start_on(port: u16) -> PrivateRedis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        PrivateRedis {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    async fn wait_up(&self) {
-        eventually("private redis answers", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-        })
-        .await;
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Two routed nodes on a Redis of the test's own and `db`, under a fresh key prefix.
 async fn two_nodes_on(
     redis: &PrivateRedis,
@@ -411,8 +348,7 @@ async fn ready(node: &IsolatedNode) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_nothing() {
-    let mut redis = PrivateRedis::start();
-    redis.wait_up().await;
+    let mut redis = PrivateRedis::start().await;
     let db = MysqlDb::create().await;
     let nodes = two_nodes_on(&redis, &db, |s| s.cluster.request_timeout_ms = 500).await;
     let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
@@ -449,8 +385,7 @@ async fn a_redis_restart_loses_nothing() {
         }
     }
 
-    let redis = PrivateRedis::start_on(redis.port);
-    redis.wait_up().await;
+    redis.restart().await.unwrap();
     for node in &nodes {
         eventually("ready again", || async { ready(node).await }).await;
     }
@@ -507,8 +442,7 @@ async fn a_redis_restart_loses_nothing() {
 /// above every position taken before it: both messages arrive, each once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_its_data_while_a_write_is_in_flight_loses_nothing() {
-    let redis = PrivateRedis::start();
-    redis.wait_up().await;
+    let redis = PrivateRedis::start().await;
     let db = MysqlDb::create().await;
     let nodes = two_nodes_on(&redis, &db, |s| s.delivery.gap_timeout_ms = 50).await;
     let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;

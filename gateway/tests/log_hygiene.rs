@@ -73,7 +73,7 @@ async fn a_warning_per_refused_message_is_limited_and_counted() {
         .parse()
         .expect("TEST_REDIS_URL is redis://host:port with an IP address");
     let proxy = Proxy::start(redis).await;
-    let url = format!("redis://{}", proxy.addr);
+    let url = format!("redis://{}", proxy.addr());
     let node = TestNode::start_with(|s| {
         s.cluster.redis_url = Some(Secret::new(url));
         s.cluster.key_prefix = random_prefix();

@@ -862,7 +862,9 @@ async fn a_resume_refused_while_the_store_is_down_resumes_once_it_is_back() {
         .parse()
         .expect("TEST_MYSQL_URL is mysql://user@ip:port");
     let proxy = Proxy::start(server).await;
-    let url = db.url.replace(&server.to_string(), &proxy.addr.to_string());
+    let url = db
+        .url
+        .replace(&server.to_string(), &proxy.addr().to_string());
     let node = TestNode::start_with(|s| s.store.url = imgate::config::Secret::new(url)).await;
     let (mut old, session) = login_device(&node, "bob", "bob-phone").await;
     old.conn.close().await.unwrap();

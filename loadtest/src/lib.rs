@@ -11,11 +11,12 @@
 //! connections), [`conn`] (a lean TCP/WebSocket client socket), [`wire`] (imgate frames and
 //! Socket.IO packets), [`targets`] (endpoints, loopback check, alloc), [`gateway`] (admin API,
 //! /proc), [`redis_info`] (Redis work), [`hist`] (HdrHistogram), [`report`] (JSON and Markdown),
-//! [`chart`] (SVG), [`plan`] (what workers are told and tell back), [`token`] (login JWTs).
+//! [`chart`] (SVG), [`fault`] (proxies that cut or freeze links, a Redis of one's own), [`plan`] (what workers are told and tell back), [`token`] (login JWTs).
 
 pub mod chart;
 pub mod cli;
 pub mod conn;
+pub mod fault;
 pub mod gateway;
 pub mod hist;
 pub mod plan;

@@ -1,7 +1,9 @@
 //! Test harness: a real gateway node on port 0, real sockets, real HTTP.
 #![allow(dead_code)]
 
-pub mod proxy;
+/// The proxy that cuts, blocks or freezes links, shared with the load test's soak.
+#[allow(unused_imports)]
+pub use imgate_loadtest::fault::proxy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
