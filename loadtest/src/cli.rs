@@ -31,6 +31,9 @@ pub enum Command {
     Chat(ChatArgs),
     /// N connected clients receive admin broadcasts; report deliveries per second and latency.
     Broadcast(BroadcastArgs),
+    /// A cluster of its own (Redis, a database, gateway nodes) under steady traffic while faults
+    /// are injected at random moments; checks that nothing stored is lost, doubled or reordered.
+    Soak(SoakArgs),
     /// Draw the latency curves of one or more result files into one SVG chart.
     Chart(ChartArgs),
     /// Internal: one worker process of a multi-process run (reads its plan from stdin).
@@ -239,4 +242,55 @@ pub struct ChartArgs {
     /// Chart title.
     #[arg(long)]
     pub title: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// Gateway nodes to start.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Users, one client each (even ones over TCP, odd ones over WebSocket).
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub users: u32,
+    /// Messages per second, in total over all users (each user sends one at a time).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Seconds of traffic and faults.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Mean seconds between faults: after one is healed, the next comes 0.5 to 1.5 times this later.
+    #[arg(long, default_value_t = 5.0)]
+    pub fault_every: f64,
+    /// Kinds of fault, used in a random order that takes each once before repeating any.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = crate::soak::faults::FaultKind::all())]
+    pub faults: Vec<crate::soak::faults::FaultKind>,
+    /// After traffic stops, wait at most this long (seconds) for every stored message to arrive.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain: f64,
+    /// Routing mode of the cluster (`routed` or `broadcast`).
+    #[arg(long, default_value = "routed")]
+    pub routing: String,
+    /// The gateway binary; by default `imgate` beside this program.
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// The Redis server binary the soak starts (and kills) on a free port.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// MariaDB/MySQL server, as an account that may create databases: the soak creates a
+    /// database of its own and drops it at the end. Loopback only.
+    #[arg(
+        long,
+        env = "LOADTEST_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306"
+    )]
+    pub mysql: String,
+    /// Directory for the node logs (a fresh one under the temp dir when absent).
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
 }

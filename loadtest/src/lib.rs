@@ -1,8 +1,9 @@
 //! imgate-loadtest: the load test of imgate (and of a Socket.IO peer, for comparison).
 //!
 //! Scenarios (subcommands): `connect` (connections, login rate, memory per connection), `chat`
-//! (messages between users: receipts, delivered, lost, duplicated, throughput, latency) and
-//! `broadcast` (admin broadcasts: deliveries per second, latency). `loadtest/README.md` has the
+//! (messages between users: receipts, delivered, lost, duplicated, throughput, latency),
+//! `broadcast` (admin broadcasts: deliveries per second, latency) and `soak` (a cluster of its own
+//! under traffic and injected faults: nothing stored lost, doubled or reordered; see [`soak`]). `loadtest/README.md` has the
 //! usage.
 //!
 //! Where things live: [`cli`] (options), [`run`](mod@run) (the coordinator: phases, reading the
@@ -25,6 +26,7 @@ pub mod progress;
 pub mod redis_info;
 pub mod report;
 pub mod run;
+pub mod soak;
 pub mod targets;
 pub mod token;
 pub mod wire;

@@ -47,6 +47,19 @@ pub async fn run(cli: Cli, opts: RunOptions) -> anyhow::Result<Option<Report>> {
             child(args).await?;
             Ok(None)
         }
+        Command::Soak(args) => {
+            let report = crate::soak::run(&args).await?;
+            if opts.print {
+                println!("{}", report.markdown());
+            }
+            if let Some(out) = &args.out {
+                std::fs::write(out, serde_json::to_vec_pretty(&report)?)?;
+            }
+            if !report.passed {
+                bail!("soak failed: see the report above");
+            }
+            Ok(None)
+        }
         command => scenario(command, &opts).await.map(Some),
     }
 }
