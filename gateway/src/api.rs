@@ -10,7 +10,7 @@ use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, S
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use imgate_shared::protocol::Body;
 use imgate_shared::{ErrorCode, KickReason, MessageId, SendStatus};
@@ -32,6 +32,7 @@ pub const METRICS: &str = "/metrics";
 pub const OPENAPI: &str = "/api/v1/openapi.json";
 pub const MESSAGES: &str = "/api/v1/messages";
 pub const BROADCAST: &str = "/api/v1/broadcast";
+pub const USER: &str = "/api/v1/users/{id}";
 pub const USER_CONNECTIONS: &str = "/api/v1/users/{id}/connections";
 pub const USER_PRESENCE: &str = "/api/v1/users/{id}/presence";
 pub const STATS: &str = "/api/v1/stats";
@@ -48,6 +49,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", OPENAPI),
     ("post", MESSAGES),
     ("post", BROADCAST),
+    ("put", USER),
     ("delete", USER_CONNECTIONS),
     ("get", USER_PRESENCE),
     ("get", STATS),
@@ -64,6 +66,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let protected = Router::new()
         .route(MESSAGES, post(send_message))
         .route(BROADCAST, post(broadcast))
+        .route(USER, put(register_user))
         .route(USER_CONNECTIONS, delete(kick_user))
         .route(USER_PRESENCE, get(presence))
         .route(STATS, get(stats))
@@ -478,6 +481,34 @@ async fn kick_user(
     Ok(Json(KickResponse {
         user_id: user,
         kicked,
+    }))
+}
+
+#[derive(Serialize)]
+struct RegisterResponse {
+    user_id: String,
+    known: bool,
+}
+
+/// Makes `user` known to the cluster (for `delivery.recipients = "known"`): messages to them are
+/// accepted from now on, before their first login. Idempotent.
+async fn register_user(
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    check_user(&user)?;
+    node.router
+        .recipients()
+        .register(&user)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "unavailable",
+            message: format!("the database did not record the user: {e}"),
+        })?;
+    Ok(Json(RegisterResponse {
+        user_id: user,
+        known: true,
     }))
 }
 

@@ -71,6 +71,21 @@ pub struct DeliverySettings {
     pub gap_timeout_ms: u64,
     /// Sessions (for RESUME) expire after this long without a resume.
     pub session_ttl_secs: u64,
+    /// Who may receive messages: `any` user id, or only users the cluster `known`s (who logged
+    /// in once, or were registered through the admin API); others are refused with
+    /// UNKNOWN_RECIPIENT and leave no state.
+    pub recipients: RecipientPolicy,
+}
+
+/// Who may receive messages (`delivery.recipients`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RecipientPolicy {
+    /// Any valid user id: a message to a user who never logged in is stored for them.
+    #[default]
+    Any,
+    /// Only users who logged in once or were registered (`PUT /api/v1/users/{user}`).
+    Known,
 }
 
 impl Default for DeliverySettings {
@@ -82,6 +97,7 @@ impl Default for DeliverySettings {
             window: 256,
             gap_timeout_ms: 1_000,
             session_ttl_secs: 24 * 3600,
+            recipients: RecipientPolicy::Any,
         }
     }
 }

@@ -396,6 +396,7 @@ impl Connection {
             }
             Err(RegisterError::TooMany) => return Err(too_many_connections(settings)),
         }
+        node.router.recipients().logged_in(&handle.user);
         // The same policy across the cluster: older connections on other nodes are kicked there.
         match node
             .cluster()

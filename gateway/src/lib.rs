@@ -20,6 +20,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod recipients;
 pub mod registry;
 pub mod router;
 pub mod store;

@@ -41,6 +41,7 @@ pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
         .chain(crate::cluster::metrics::CATALOG)
         .chain(crate::delivery::CATALOG)
         .chain(crate::logging::CATALOG)
+        .chain(crate::recipients::CATALOG)
         .copied()
 }
 
@@ -101,6 +102,7 @@ pub fn install() -> PrometheusHandle {
             crate::store::describe_metrics();
             crate::cluster::metrics::describe();
             crate::delivery::describe_metrics();
+            crate::recipients::describe_metrics();
             handle
         })
         .clone()

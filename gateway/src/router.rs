@@ -18,6 +18,7 @@ use crate::cluster::{Cluster, Route};
 use crate::config::Settings;
 use crate::ids::IdGenerator;
 use crate::metrics::HotMetrics;
+use crate::recipients::Recipients;
 use crate::registry::{Registry, Stamp};
 use crate::store::{DeliveryState, NewMessage, Store, StoreError, WritePermit};
 
@@ -84,6 +85,7 @@ pub struct Router {
     metrics: HotMetrics,
     store: Store,
     cluster: Cluster,
+    recipients: Recipients,
 }
 
 /// Longest wait for the database when a stream counter must start from it (a user's first
@@ -171,9 +173,15 @@ impl Router {
             ids: IdGenerator::new(tag),
             channels: settings.channels.types.clone(),
             metrics,
+            recipients: Recipients::new(settings.delivery.recipients, store.clone()),
             store,
             cluster,
         }
+    }
+
+    /// Who may receive messages (`delivery.recipients`).
+    pub fn recipients(&self) -> &Recipients {
+        &self.recipients
     }
 
     pub fn registry(&self) -> &Registry {
@@ -285,6 +293,10 @@ impl Router {
             if let Some(answer) = self.repeat_of(&msg).await {
                 return Err(answer);
             }
+        }
+        // Before anything is kept for the recipient: a refused one leaves no state.
+        if let Err(code) = self.recipients.check(&msg.to).await {
+            return Err(self.refused(code));
         }
         let row = NewMessage {
             id: msg.id,

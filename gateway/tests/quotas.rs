@@ -349,3 +349,143 @@ async fn connections_per_user_are_limited_across_the_cluster() {
     a.stop().await;
     b.stop().await;
 }
+
+fn refusal(frame: &ServerFrame) -> (SendStatus, Option<ErrorCode>) {
+    match frame {
+        ServerFrame::SendResult { status, reason, .. } => (*status, *reason),
+        other => panic!("expected send_result, got {other:?}"),
+    }
+}
+
+/// Under `delivery.recipients = "known"`, a message to a user id that never logged in and was
+/// never registered is refused with UNKNOWN_RECIPIENT and leaves nothing behind: no row, no Redis
+/// key. A user who logged in once on another node, or whom an operator registered, receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_recipients_are_refused_and_leave_no_state_under_known_recipients() {
+    let db = common::MysqlDb::create().await;
+    let prefix = common::random_prefix();
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let (prefix, url) = (prefix.clone(), db.url.clone());
+        nodes.push(
+            common::IsolatedNode::start_with(move |s| {
+                common::cluster_settings(s, i, &prefix, &url, RoutingMode::Routed);
+                s.delivery.recipients = imgate::config::RecipientPolicy::Known;
+            })
+            .await,
+        );
+    }
+    let mut alice = nodes[0].login(&nodes[0].tcp(), "alice", "app").await;
+
+    for ghost in ["ghost-1", "ghost-2", "ghost-1"] {
+        assert_eq!(
+            refusal(&alice.send_text(ghost, "anyone there?").await),
+            (SendStatus::Refused, Some(ErrorCode::UnknownRecipient))
+        );
+    }
+    assert_eq!(db.count().await, 0, "no row for a made-up recipient");
+    let redis = redis_client().await;
+    use fred::prelude::ClientLike;
+    let keys: Vec<String> = redis
+        .custom(
+            fred::types::CustomCommand::new_static("KEYS", None::<u16>, false),
+            vec![format!("{prefix}*ghost*")],
+        )
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+
+    // A user who logged in once (on the other node) is known to every node from then on.
+    let mut bob = nodes[1].login(&nodes[1].tcp(), "bob", "app").await;
+    bob.send(ClientFrame::Logout {}).await;
+    let mut answer = alice.send_text("bob", "hi bob").await;
+    for _ in 0..200 {
+        if refusal(&answer).0 != SendStatus::Refused {
+            break;
+        }
+        // Recorded in the background: the refusal until then is UNKNOWN_RECIPIENT.
+        assert_eq!(refusal(&answer).1, Some(ErrorCode::UnknownRecipient));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        answer = alice.send_text("bob", "hi bob").await;
+    }
+    assert_eq!(refusal(&answer), (SendStatus::Stored, None));
+
+    // An operator registers carol before her first login.
+    let (status, body) = nodes[1]
+        .admin_json(Method::PUT, "/api/v1/users/carol", None)
+        .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"user_id": "carol", "known": true}))
+    );
+    assert_eq!(
+        refusal(&alice.send_text("carol", "welcome").await),
+        (SendStatus::Stored, None)
+    );
+    let (status, _) = nodes[1]
+        .admin_json(Method::PUT, "/api/v1/users/%0A", None)
+        .await;
+    assert_eq!(status, 400);
+
+    let metrics = nodes[0].metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "imgate_recipient_checks_total",
+            &["outcome=\"unknown\""]
+        ) >= 2.0,
+        "{metrics}"
+    );
+    drop((alice, bob));
+    for n in nodes {
+        n.stop().await;
+    }
+    db.drop_database().await;
+}
+
+async fn redis_client() -> fred::prelude::Client {
+    use fred::prelude::ClientLike;
+    let client = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&common::redis_url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+/// The same on one node with its SQLite store: a login makes a user known, a made-up id is not.
+#[tokio::test]
+async fn known_recipients_on_the_embedded_store() {
+    let node = TestNode::start_with(|s| {
+        s.delivery.recipients = imgate::config::RecipientPolicy::Known;
+    })
+    .await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    bob.send(ClientFrame::Logout {}).await;
+    assert_eq!(
+        refusal(&alice.send_text("nobody", "?").await),
+        (SendStatus::Refused, Some(ErrorCode::UnknownRecipient))
+    );
+    // bob is remembered on this node at once; the row is written in the background.
+    assert_eq!(
+        refusal(&alice.send_text("bob", "hi").await),
+        (SendStatus::Stored, None)
+    );
+    let mut recorded = 0.0;
+    for _ in 0..200 {
+        let metrics = node.metrics().await;
+        recorded = metric_value(
+            &metrics,
+            "imgate_known_users_recorded_total",
+            &["outcome=\"written\""],
+        );
+        if recorded >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded, 2.0, "alice and bob written once each");
+    node.stop().await;
+}

@@ -278,10 +278,13 @@ pub enum ErrorCode {
     RateLimited,
     /// The user holds the most connections the cluster allows one user.
     TooManyConnections,
+    /// The recipient is not a user the cluster knows (under `delivery.recipients = "known"`:
+    /// one who never logged in and was not registered); nothing was stored.
+    UnknownRecipient,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::LoginRequired,
@@ -301,6 +304,7 @@ impl ErrorCode {
         ErrorCode::InvalidDevice,
         ErrorCode::RateLimited,
         ErrorCode::TooManyConnections,
+        ErrorCode::UnknownRecipient,
     ];
 
     /// The stable numeric code.
@@ -319,6 +323,7 @@ impl ErrorCode {
             ErrorCode::DuplicateLogin => 2005,
             ErrorCode::SessionExpired => 2006,
             ErrorCode::InvalidDevice => 2007,
+            ErrorCode::UnknownRecipient => 2008,
             ErrorCode::RateLimited => 4000,
             ErrorCode::TooManyConnections => 4001,
             ErrorCode::ServerFull => 5000,
@@ -346,6 +351,7 @@ impl ErrorCode {
             ErrorCode::InvalidDevice => "INVALID_DEVICE",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::UnknownRecipient => "UNKNOWN_RECIPIENT",
             ErrorCode::ServerFull => "SERVER_FULL",
             ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             ErrorCode::Internal => "INTERNAL",

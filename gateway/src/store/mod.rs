@@ -802,6 +802,36 @@ impl Store {
         Ok(())
     }
 
+    /// Records `users` as known (they logged in, or an operator registered them); users already
+    /// known are left as they are.
+    pub async fn register_users(&self, users: &[&str], now_ms: u64) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let mut sql = format!(
+            "{} known_users (user_id, registered_at_ms) VALUES ",
+            self.inner.dialect.insert_ignore()
+        );
+        for i in 0..users.len() {
+            sql.push_str(if i == 0 { "(?, ?)" } else { ", (?, ?)" });
+        }
+        let mut query = sqlx::query(&sql);
+        for user in users {
+            query = query.bind(*user).bind(now_ms as i64);
+        }
+        query.execute(&self.inner.rare_writes).await?;
+        Ok(())
+    }
+
+    /// Whether `user` is known (see [`register_users`](Self::register_users)).
+    pub async fn is_known_user(&self, user: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM known_users WHERE user_id = ?")
+            .bind(user)
+            .fetch_optional(&self.inner.reads)
+            .await?;
+        Ok(row.is_some())
+    }
+
     /// The highest committed position of `user`'s stream; 0 when the user has no message.
     pub async fn stream_head(&self, user: &str) -> Result<u64, StoreError> {
         let row = sqlx::query(&self.inner.queries.stream_head)

@@ -51,7 +51,7 @@ impl Dialect {
     /// An INSERT that skips rows whose primary key or idempotency key already exists. On MySQL,
     /// IGNORE also turns data errors into warnings; the store validates every row before it is
     /// queued (see `NewMessage` checks in `mod.rs`), so no row can reach that path.
-    fn insert_ignore(self) -> &'static str {
+    pub(crate) fn insert_ignore(self) -> &'static str {
         match self {
             Dialect::MySql => "INSERT IGNORE INTO",
             Dialect::Sqlite => "INSERT OR IGNORE INTO",
