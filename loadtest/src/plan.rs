@@ -173,7 +173,12 @@ pub struct ChatResult {
     pub expected: u64,
     /// Distinct messages received.
     pub received: u64,
+    /// Messages received again at a new stream position: a client would hand them over twice.
     pub duplicates: u64,
+    /// Pushes received again at a position already received (retransmissions whose
+    /// acknowledgement was late): a client drops them.
+    #[serde(default)]
+    pub resent: u64,
     /// Promised but never received.
     pub lost: u64,
     /// Received without a receipt that promised it.

@@ -112,7 +112,12 @@ pub struct ChatSummary {
     pub expected: u64,
     pub delivered: u64,
     pub lost: u64,
+    /// Messages received twice at different stream positions: a client hands them over twice.
     pub duplicated: u64,
+    /// Pushes received again at a position already received (late acknowledgements); a client
+    /// drops them by position.
+    #[serde(default)]
+    pub resent: u64,
     pub unexpected: u64,
     pub foreign: u64,
     pub send_secs: f64,
@@ -202,6 +207,7 @@ pub fn merge(results: &[ShardResult]) -> Merged {
             into.expected += c.expected;
             into.received += c.received;
             into.duplicates += c.duplicates;
+            into.resent += c.resent;
             into.lost += c.lost;
             into.unexpected += c.unexpected;
             into.foreign += c.foreign;
@@ -360,6 +366,10 @@ impl Report {
             row(
                 "delivered / lost / duplicated",
                 format!("{} / {} / {}", ch.delivered, ch.lost, ch.duplicated),
+            );
+            row(
+                "pushes resent at a position already received (dropped by a client)",
+                ch.resent.to_string(),
             );
             if ch.unexpected > 0 || ch.foreign > 0 {
                 row(

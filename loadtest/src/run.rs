@@ -594,6 +594,7 @@ async fn scenario(command: Command, opts: &RunOptions) -> anyhow::Result<Report>
                 delivered: r.received,
                 lost: r.lost,
                 duplicated: r.duplicates,
+                resent: r.resent,
                 unexpected: r.unexpected,
                 foreign: r.foreign,
                 send_secs,

@@ -74,6 +74,7 @@ struct ChatState {
     expected_n: u64,
     received_n: u64,
     duplicates: u64,
+    resent: u64,
     foreign: u64,
     receipts: BTreeMap<String, u64>,
     hist: Hist,
@@ -147,8 +148,9 @@ impl Ctx {
         }
     }
 
-    /// A push arrived; returns whether to acknowledge it.
-    fn on_push(&self, body: &[u8], seen: &mut Bits) -> bool {
+    /// A push arrived; returns whether to acknowledge it. `resent`: its stream position was
+    /// received before on this connection (a client drops it without looking at it).
+    fn on_push(&self, body: &[u8], resent: bool, seen: &mut Bits) -> bool {
         let now = now_us();
         let mark = Mark::parse(body).unwrap_or_default();
         match &self.plan.scenario {
@@ -157,7 +159,9 @@ impl Ctx {
                 match (mark.s, mark.q, mark.t) {
                     (Some(s), Some(q), Some(t)) if s >= self.first && s < self.first + self.n => {
                         let local = (s - self.first) as usize;
-                        if st.received[local].set(q) {
+                        if resent {
+                            st.resent += 1;
+                        } else if st.received[local].set(q) {
                             st.duplicates += 1;
                         } else {
                             st.received_n += 1;
@@ -604,6 +608,8 @@ async fn session(
     tokio::pin!(heartbeat);
     let mut seq = 0u64;
     let mut seen = Bits::default();
+    // The highest stream position received on this connection.
+    let mut highest = 0u64;
     // Stream messages are acknowledged cumulatively, like the Rust client does: `ack {seq}` once
     // no more frames are waiting, or after ACK_EVERY of them.
     let mut ack_upto: Option<u64> = None;
@@ -621,7 +627,9 @@ async fn session(
                 };
                 let reply = match wire::parse(kind, &bytes) {
                     In::Push { id, seq, body } => {
-                        let ack = ctx.on_push(body, &mut seen);
+                        let resent = seq.is_some_and(|s| s <= highest);
+                        highest = highest.max(seq.unwrap_or(0));
+                        let ack = ctx.on_push(body, resent, &mut seen);
                         match (kind, seq, id) {
                             (TargetKind::Imgate, Some(seq), _) if ack => {
                                 ack_upto = Some(seq);
@@ -723,6 +731,7 @@ fn result(ctx: &Ctx) -> ShardResult {
             expected: st.expected_n,
             received: st.received_n,
             duplicates: st.duplicates,
+            resent: st.resent,
             lost,
             unexpected,
             foreign: st.foreign,

@@ -27,6 +27,10 @@ struct Node {
 
 impl Node {
     async fn start() -> Node {
+        Node::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut Settings)) -> Node {
         let mut settings = Settings::default();
         settings.auth.secret = Some(Secret::new(SECRET));
         settings.admin.token = Some(Secret::new(ADMIN_TOKEN));
@@ -35,6 +39,7 @@ impl Node {
         settings.shutdown.grace_ms = 5_000;
         let db = temp_file(&format!("{:016x}.db", rand_u64()));
         settings.store.url = Secret::new(format!("sqlite://{}", db.display()));
+        configure(&mut settings);
         settings.validate().expect("valid settings");
         let client = TcpListener::bind(settings.client.listen).await.unwrap();
         let admin = TcpListener::bind(settings.admin.listen).await.unwrap();
@@ -238,6 +243,37 @@ async fn chat_over_tcp_loses_nothing() {
     ))
     .await;
     assert_chat_adds_up(&report, 200);
+    node.stop().await;
+}
+
+/// Pushes that are never acknowledged come again at the same stream position: counted as
+/// `resent` (a client drops them), not as duplicates handed to the application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmissions_are_resent_not_duplicated() {
+    let node = Node::start_with(|s| {
+        s.delivery.ack_timeout_ms = 100;
+        s.delivery.max_retransmits = 1_000;
+    })
+    .await;
+    let report = run(node.args(
+        "chat",
+        &node.tcp(),
+        &[
+            "-n",
+            "4",
+            "--rate",
+            "200",
+            "--messages",
+            "40",
+            "--no-ack",
+            "--drain",
+            "1",
+        ],
+    ))
+    .await;
+    let ch = report.chat.as_ref().expect("chat results");
+    assert_eq!((ch.delivered, ch.lost, ch.duplicated), (40, 0, 0), "{ch:?}");
+    assert!(ch.resent > 0, "{ch:?}");
     node.stop().await;
 }
 
