@@ -242,6 +242,10 @@ pub struct ClientSettings {
     pub send_rate: f64,
     /// Sends one connection may make at once, above the rate (the bucket's size).
     pub send_burst: u32,
+    /// Most sends of all connections of the node taken and not yet answered. Beyond it a send is
+    /// refused at once with `UNAVAILABLE` and `retry_after_ms`: under overload the node answers
+    /// every send quickly instead of queueing more than it can process in time.
+    pub max_unanswered_sends: usize,
     /// Sends per second one user may make over all its connections on this node; 0 means no
     /// limit.
     pub user_send_rate: f64,
@@ -405,6 +409,7 @@ impl Default for ClientSettings {
             max_queued_bytes_total: 1024 * 1024 * 1024,
             send_rate: 100.0,
             send_burst: 200,
+            max_unanswered_sends: 4_096,
             user_send_rate: 200.0,
             user_send_burst: 400,
             login_rate: 0.0,
@@ -584,9 +589,10 @@ impl Settings {
         if c.outbox_capacity == 0
             || c.max_connections == Some(0)
             || c.max_pending_logins == 0
+            || c.max_unanswered_sends == 0
             || c.max_pending_logins_per_ip == 0
         {
-            return invalid("client.outbox_capacity, client.max_connections, client.max_pending_logins and client.max_pending_logins_per_ip must be positive");
+            return invalid("client.outbox_capacity, client.max_connections, client.max_pending_logins, client.max_unanswered_sends and client.max_pending_logins_per_ip must be positive");
         }
         let a = &self.admin;
         if a.max_connections == 0

@@ -25,7 +25,7 @@ use crate::auth::unix_millis;
 use crate::cluster::{RegisterOutcome, Resume, Session, SessionCheck};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
-use crate::limits::{retry_after_ms, LoginRefusal, TokenBucket};
+use crate::limits::{retry_after_ms, LoginRefusal, SendSlot, TokenBucket};
 use crate::logging::esc;
 use crate::metrics;
 use crate::node::{Admission, Node, PendingGuard, Refusal, RefusalGuard};
@@ -165,6 +165,8 @@ struct Deferred {
     client_msg_id: String,
     body: imgate_shared::protocol::Body,
     retry: bool,
+    /// Its place among the node's unanswered sends.
+    slot: SendSlot,
 }
 
 /// The negotiated heartbeat of a session.
@@ -679,7 +681,7 @@ impl Connection {
                     // Room for the next waiting sends, in the order they came.
                     while self.receipts.len() < MAX_SENDS_IN_FLIGHT {
                         let Some(d) = self.deferred.pop_front() else { break };
-                        Box::pin(self.on_send(&handle, d.to, d.channel, d.client_msg_id, d.body, d.retry)).await;
+                        Box::pin(self.on_send(&handle, d)).await;
                     }
                 }
                 frame = self.reader.next() => {
@@ -809,17 +811,39 @@ impl Connection {
                 body,
                 retry,
             } => {
-                if self.receipts.len() < MAX_SENDS_IN_FLIGHT && self.deferred.is_empty() {
-                    // Boxed: a send's state exists only while a send is being taken.
-                    Box::pin(self.on_send(handle, to, channel, client_msg_id, body, retry)).await;
-                } else if self.deferred.len() < MAX_DEFERRED_SENDS {
-                    self.deferred.push_back(Deferred {
+                let now = self.receipts.len() < MAX_SENDS_IN_FLIGHT && self.deferred.is_empty();
+                if now || self.deferred.len() < MAX_DEFERRED_SENDS {
+                    let Some(slot) = self.node.send_slots.try_take() else {
+                        // The node holds all the sends it can answer in time: say no at once.
+                        ::metrics::counter!(metrics::SENDS_SHED).increment(1);
+                        self.node.metrics.refused.increment(1);
+                        reply(
+                            out,
+                            &ServerFrame::SendResult {
+                                client_msg_id,
+                                id: None,
+                                status: imgate_shared::SendStatus::Refused,
+                                connections: 0,
+                                reason: Some(ErrorCode::Unavailable),
+                                retry_after_ms: Some(BACKLOG_RETRY_MS),
+                            },
+                        );
+                        return None;
+                    };
+                    let send = Deferred {
                         to,
                         channel,
                         client_msg_id,
                         body,
                         retry,
-                    });
+                        slot,
+                    };
+                    if now {
+                        // Boxed: a send's state exists only while a send is being taken.
+                        Box::pin(self.on_send(handle, send)).await;
+                    } else {
+                        self.deferred.push_back(send);
+                    }
                 } else {
                     // Too many sends unanswered: say no at once rather than stop reading.
                     ::metrics::counter!(metrics::RATE_LIMITED, "limit" => "backlog").increment(1);
@@ -870,15 +894,15 @@ impl Connection {
     /// Takes a send: the id, the place in the store's queue and the local delivery happen here,
     /// in the order sends arrive; the rest (other nodes, the commit) runs in a task of its own
     /// whose result is the receipt.
-    async fn on_send(
-        &mut self,
-        handle: &Arc<ConnHandle>,
-        to: String,
-        channel: Option<String>,
-        client_msg_id: String,
-        body: imgate_shared::protocol::Body,
-        retry: bool,
-    ) {
+    async fn on_send(&mut self, handle: &Arc<ConnHandle>, send: Deferred) {
+        let Deferred {
+            to,
+            channel,
+            client_msg_id,
+            body,
+            retry,
+            slot,
+        } = send;
         let node = self.node.clone();
         let router = &node.router;
         // Rate limits first: a refused send costs nothing more.
@@ -935,9 +959,11 @@ impl Connection {
             }
             Ok(submission) => {
                 let node = node.clone();
-                node.clone()
-                    .tasks
-                    .spawn(async move { receipt(node.router.finish(submission).await) })
+                node.clone().tasks.spawn(async move {
+                    // Released when the send is answered (or the node shuts down).
+                    let _slot = slot;
+                    receipt(node.router.finish(submission).await)
+                })
             }
         };
         self.receipts.push_back(task);

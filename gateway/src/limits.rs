@@ -8,7 +8,7 @@
 //! holds at most `client.login_rate_max_addresses` entries.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -293,5 +293,75 @@ mod tests {
         let later = t + Duration::from_secs(10_000);
         assert!(limits.attempt(ip(3), later).is_ok());
         assert_eq!(limits.len(), 1);
+    }
+}
+
+/// The node's sends taken and not yet answered, over all connections
+/// (`client.max_unanswered_sends`): beyond the bound a send is refused at once, so that under
+/// overload the node answers quickly and spends its time on the sends it took, instead of
+/// queueing more than it can answer in time.
+pub struct SendSlots {
+    taken: Arc<AtomicUsize>,
+    max: usize,
+    gauge: metrics::Gauge,
+}
+
+/// One taken send; released when dropped (the send is answered, or its task ended).
+pub struct SendSlot {
+    taken: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl SendSlots {
+    pub fn new(max: usize) -> SendSlots {
+        SendSlots {
+            taken: Arc::new(AtomicUsize::new(0)),
+            max,
+            gauge: metrics::gauge!(crate::metrics::UNANSWERED_SENDS),
+        }
+    }
+
+    /// A slot, or `None` when `max` are taken.
+    pub fn try_take(&self) -> Option<SendSlot> {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        self.gauge.increment(1.0);
+        Some(SendSlot {
+            taken: self.taken.clone(),
+            gauge: self.gauge.clone(),
+        })
+    }
+
+    pub fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SendSlot {
+    fn drop(&mut self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod send_slot_tests {
+    use super::SendSlots;
+
+    #[test]
+    fn slots_are_bounded_and_come_back_when_dropped() {
+        let slots = SendSlots::new(2);
+        let a = slots.try_take().expect("first");
+        let b = slots.try_take().expect("second");
+        assert!(slots.try_take().is_none());
+        drop(a);
+        assert_eq!(slots.taken(), 1);
+        let c = slots.try_take().expect("room again");
+        assert!(slots.try_take().is_none());
+        drop((b, c));
+        assert_eq!(slots.taken(), 0);
     }
 }

@@ -31,6 +31,8 @@ pub const QUEUED_BYTES: &str = "imgate_queued_bytes";
 pub const MEMORY_LIMITED: &str = "imgate_memory_limited_total";
 pub const RATE_LIMITED: &str = "imgate_rate_limited_total";
 pub const RATE_LIMIT_ENTRIES: &str = "imgate_rate_limit_entries";
+pub const UNANSWERED_SENDS: &str = "imgate_unanswered_sends";
+pub const SENDS_SHED: &str = "imgate_sends_shed_total";
 
 /// Every metric of the node (gateway, store and cluster) with its kind, as listed in
 /// `docs/metrics.md`.
@@ -68,6 +70,8 @@ pub const CATALOG: &[(&str, &str)] = &[
     (QUEUED_BYTES, "gauge"),
     (MEMORY_LIMITED, "counter"),
     (RATE_LIMITED, "counter"),
+    (UNANSWERED_SENDS, "gauge"),
+    (SENDS_SHED, "counter"),
     (RATE_LIMIT_ENTRIES, "gauge"),
 ];
 
@@ -179,6 +183,14 @@ fn describe() {
     describe_counter!(
         RATE_LIMITED,
         "Sends and logins refused with RATE_LIMITED, by limit: connection, user, backlog (sends) or address (logins)."
+    );
+    describe_gauge!(
+        UNANSWERED_SENDS,
+        "Sends of all connections taken and not answered yet, bounded by client.max_unanswered_sends."
+    );
+    describe_counter!(
+        SENDS_SHED,
+        "Sends refused at once with UNAVAILABLE (and retry_after_ms) because the node held client.max_unanswered_sends unanswered sends."
     );
     describe_gauge!(
         RATE_LIMIT_ENTRIES,

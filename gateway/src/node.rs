@@ -34,6 +34,8 @@ pub struct Node {
     pub user_sends: crate::limits::UserSendLimits,
     /// Login-rate buckets of source addresses (`client.login_rate`).
     pub logins: crate::limits::LoginLimits,
+    /// Sends taken and not yet answered, over all connections (`client.max_unanswered_sends`).
+    pub send_slots: crate::limits::SendSlots,
     /// Cancelled when the node starts shutting down.
     pub shutdown: CancellationToken,
     /// Connection tasks and the tasks processing messages; shutdown waits for them.
@@ -156,6 +158,7 @@ impl Node {
             streams,
             user_sends,
             logins,
+            send_slots: crate::limits::SendSlots::new(c.max_unanswered_sends),
             settings,
             auth,
             router,

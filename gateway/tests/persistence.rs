@@ -715,3 +715,63 @@ async fn new_messages_are_refused_while_the_store_queue_is_too_old() {
     node.stop().await;
     db.drop_database().await;
 }
+
+/// `client.max_unanswered_sends` bounds the sends the node holds unanswered over all its
+/// connections: while commits wait on a lock, sends beyond it are refused at once with
+/// UNAVAILABLE and a retry hint, nothing of them is stored, and the slots come back once the
+/// held sends are answered.
+#[tokio::test]
+async fn sends_beyond_the_node_bound_are_refused_at_once_and_slots_come_back() {
+    let db = MysqlDb::create().await;
+    let node = node_on(&db, |s| s.client.max_unanswered_sends = 4).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut carol = node.login(&node.tcp(), "carol", "app").await;
+    warm_up(&mut alice, "bob").await;
+    let mut lock = lock_messages(&db, "READ").await;
+    // Three from alice, three from carol: two connections share the node's four slots.
+    for i in 0..3 {
+        alice.send(to_bob(format!("a{i}"), i)).await;
+        carol.send(to_bob(format!("c{i}"), i)).await;
+    }
+    metric_reaches(&node, "imgate_sends_shed_total", &[], 2.0).await;
+    let metrics = node.metrics().await;
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_sends_shed_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        common::metric_value(&metrics, "imgate_unanswered_sends", &[]),
+        4.0
+    );
+
+    lock.execute("UNLOCK TABLES").await.unwrap();
+    let (mut refused, mut stored) = (0, 0);
+    for client in [&mut alice, &mut carol] {
+        for _ in 0..3 {
+            match client.recv().await {
+                Some(ServerFrame::SendResult {
+                    status: SendStatus::Refused,
+                    reason: Some(ErrorCode::Unavailable),
+                    retry_after_ms: Some(100),
+                    ..
+                }) => refused += 1,
+                Some(ServerFrame::SendResult {
+                    status: SendStatus::Stored,
+                    ..
+                }) => stored += 1,
+                other => panic!("expected a receipt, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!((refused, stored), (2, 4));
+    // 1 warm-up + the 4 taken; none of the refused.
+    assert_eq!(db.count().await, 5);
+    // A slot is released before its receipt leaves the node.
+    assert_eq!(
+        common::metric_value(&node.metrics().await, "imgate_unanswered_sends", &[]),
+        0.0
+    );
+    warm_up(&mut alice, "bob").await;
+    node.stop().await;
+    db.drop_database().await;
+}
