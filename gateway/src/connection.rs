@@ -99,7 +99,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, node: Arc<Node>, admissi
 }
 
 /// Tells a refused socket `SERVER_FULL` (in the transport it speaks, which it has
-/// [`REFUSAL_TIMEOUT`] to show) and closes it.
+/// `REFUSAL_TIMEOUT` to show) and closes it.
 pub async fn refuse(
     stream: TcpStream,
     peer: SocketAddr,

@@ -50,7 +50,7 @@ fn join(mut payloads: Vec<Bytes>) -> Bytes {
 }
 
 /// The messages of one received payload: the slices of `payload` holding one JSON value each
-/// (a payload published by [`join`] holds several). Stops at the first that is not JSON, after
+/// (a payload published by `join` holds several). Stops at the first that is not JSON, after
 /// returning the error.
 pub fn split(payload: &Bytes) -> impl Iterator<Item = Result<Bytes, serde_json::Error>> + '_ {
     let mut values =

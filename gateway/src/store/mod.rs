@@ -12,8 +12,8 @@
 //!    waiting, and returns a [`PendingWrite`] that resolves once the row's batch is COMMITTED.
 //!    Only then does the sender get its receipt.
 //!
-//! [`Store::persist`] does all three steps for callers that push nothing. State changes
-//! ([`Store::mark`]) travel through the same writer. [`Store::close`] flushes everything
+//! [`Store::persist`] does all three steps for callers that push nothing. Device cursors
+//! ([`Store::save_cursor`]) travel through the same writer. [`Store::close`] flushes everything
 //! queued. The writer and its retry policy are in `writer.rs`, the SQL in `sql.rs`, start-up and
 //! migrations in `setup.rs`; the schema is `migrations/{mysql,sqlite}`.
 
