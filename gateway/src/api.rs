@@ -16,10 +16,10 @@ use imgate_shared::protocol::Body;
 use imgate_shared::{ErrorCode, KickReason, MessageId, SendStatus};
 use serde::{Deserialize, Serialize};
 
+use crate::base::{valid_id, valid_user_id, ID_RULE};
 use crate::cluster::{ClusterError, NodeInfo, PresenceEntry};
 use crate::metrics::ADMIN_REQUESTS;
 use crate::node::Node;
-use crate::router::{valid_id, valid_user_id, ID_RULE};
 use crate::store::{StoreError, StoredMessage, MAX_PAGE};
 use futures_util::future::join_all;
 

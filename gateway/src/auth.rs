@@ -2,13 +2,13 @@
 //! key as an option) and minting of development tokens.
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use imgate_shared::claims::Claims;
 use imgate_shared::protocol::ErrorCode;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
+use crate::base::unix_secs;
 use crate::config::{AuthSettings, JwtAlgorithm, Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -154,10 +154,10 @@ impl Authenticator {
             }
         }
         let sub = &data.claims.sub;
-        if !crate::router::valid_user_id(sub) {
+        if !crate::base::valid_user_id(sub) {
             return Err(AuthError::Invalid(format!(
                 "sub must be {} and not \"*\"",
-                crate::router::ID_RULE
+                crate::base::ID_RULE
             )));
         }
         Ok(data.claims)
@@ -181,22 +181,6 @@ impl Authenticator {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding).ok()
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -568,11 +568,11 @@ impl Settings {
             .channels
             .types
             .iter()
-            .find(|t| !crate::router::valid_id(t))
+            .find(|t| !crate::base::valid_id(t))
         {
             return Err(ConfigError::Invalid(format!(
                 "channel type {t:?} in channels.types must be {}",
-                crate::router::ID_RULE
+                crate::base::ID_RULE
             )));
         }
         for t in self.channels.duplicate_login_by_type.keys() {

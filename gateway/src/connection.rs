@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing::debug;
 
-use crate::auth::unix_millis;
+use crate::base::unix_millis;
+use crate::base::valid_id;
 use crate::cluster::{RegisterOutcome, Resume, Session, SessionCheck};
 use crate::config::{DuplicateLoginPolicy, HeartbeatSettings};
 use crate::delivery::{DeviceStream, Fetch, Outgoing};
@@ -30,7 +31,6 @@ use crate::logging::esc;
 use crate::metrics;
 use crate::node::{Admission, Node, PendingGuard, Refusal, RefusalGuard};
 use crate::registry::{ConnHandle, RegisterError};
-use crate::router::valid_id;
 use crate::store::{StoreError, StoredMessage};
 use crate::transport::{self, FrameReader, FrameWriter, ReadError};
 
@@ -148,7 +148,7 @@ struct Connection {
     peer: SocketAddr,
     reader: FrameReader,
     writer: FrameWriter,
-    kind: crate::registry::TransportKind,
+    kind: crate::base::TransportKind,
     /// Receipts of accepted sends, in the order the sends arrived. Each send runs in its own task,
     /// so it completes (delivered and persisted) even if this connection goes away meanwhile.
     receipts: VecDeque<JoinHandle<ServerFrame>>,
@@ -1085,7 +1085,7 @@ fn check_hello(device_id: &str, heartbeat: Option<HeartbeatRange>) -> Result<(),
     if !valid_id(device_id) {
         return Err(login_failed(
             ErrorCode::InvalidField,
-            format!("device_id must be {}", crate::router::ID_RULE),
+            format!("device_id must be {}", crate::base::ID_RULE),
         ));
     }
     if heartbeat.is_some_and(|hb| hb.min_ms > hb.max_ms) {

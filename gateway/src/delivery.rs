@@ -695,7 +695,7 @@ fn encode_stored(row: &StoredMessage) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Stamp;
+    use crate::base::Stamp;
     use crate::store::DeliveryState;
 
     fn cfg(window: usize) -> Arc<StreamConfig> {

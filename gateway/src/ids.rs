@@ -42,7 +42,7 @@ impl IdGenerator {
     }
 
     pub fn next(&self) -> MessageId {
-        let now = crate::auth::unix_millis().saturating_sub(ID_EPOCH_MS) << SEQ_BITS;
+        let now = crate::base::unix_millis().saturating_sub(ID_EPOCH_MS) << SEQ_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);
@@ -73,7 +73,7 @@ mod tests {
     #[test]
     fn ids_increase_and_carry_tag_and_time() {
         let g = IdGenerator::new(513);
-        let before = crate::auth::unix_millis();
+        let before = crate::base::unix_millis();
         let ids: Vec<_> = (0..20_000).map(|_| g.next()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         for id in [ids[0], ids[19_999]] {

@@ -5,11 +5,14 @@
 //!
 //! Where things live: [`transport`] (TCP and WebSocket framing), [`connection`] (the per-connection
 //! task: login, heartbeats, reading and writing), [`registry`] (the local map), [`router`] (where a
-//! message goes), [`api`] (the admin HTTP API), [`auth`] (JWT), [`metrics`], [`config`].
+//! message goes), [`recipients`] (who may receive), [`api`] (the admin HTTP API), [`auth`] (JWT),
+//! [`metrics`] and [`telemetry`], [`config`], and at the bottom [`base`], the shared vocabulary
+//! that imports nothing of the crate. No two modules import each other (`tests/layout.rs`).
 
 pub mod admin_port;
 pub mod api;
 pub mod auth;
+pub mod base;
 pub mod cluster;
 pub mod config;
 pub mod connection;
@@ -24,6 +27,7 @@ pub mod recipients;
 pub mod registry;
 pub mod router;
 pub mod store;
+pub mod telemetry;
 pub mod transport;
 
 use std::sync::Arc;
@@ -91,7 +95,7 @@ pub async fn run(
             settings.client.advertise = Some(addr.to_string());
         }
     }
-    let prometheus = metrics::install();
+    let prometheus = telemetry::install();
     logging::configure(
         settings.log.repeat_limit,
         Duration::from_millis(settings.log.repeat_interval_ms),

@@ -58,7 +58,7 @@ struct EscapingWriter<'a, 'b>(&'a mut fmt::Formatter<'b>);
 impl fmt::Write for EscapingWriter<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut rest = s;
-        while let Some(i) = rest.find(|c: char| c != ' ' && !crate::router::id_char(c)) {
+        while let Some(i) = rest.find(|c: char| c != ' ' && !crate::base::id_char(c)) {
             self.0.write_str(&rest[..i])?;
             let c = rest[i..].chars().next().expect("found at i");
             match c {

@@ -1,13 +1,12 @@
-//! Prometheus metrics. Every metric is named and described here; `docs/metrics.md` is the catalog
-//! and a test keeps the two in step.
-
-use std::sync::OnceLock;
+//! The gateway's own metrics (connections, frames, messages, limits): their names, descriptions
+//! and the handles of the hot path. The store, the cluster, delivery, logging and recipients name
+//! theirs; `telemetry.rs` installs the recorder and lists them all, and a test keeps that list
+//! and `docs/metrics.md` in step.
 
 use imgate_shared::{ErrorCode, KickReason};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::registry::TransportKind;
+use crate::base::TransportKind;
 
 pub const CONNECTIONS: &str = "imgate_connections";
 pub const CONNECTIONS_REJECTED: &str = "imgate_connections_rejected_total";
@@ -34,20 +33,7 @@ pub const RATE_LIMIT_ENTRIES: &str = "imgate_rate_limit_entries";
 pub const UNANSWERED_SENDS: &str = "imgate_unanswered_sends";
 pub const SENDS_SHED: &str = "imgate_sends_shed_total";
 
-/// Every metric of the node (gateway, store and cluster) with its kind, as listed in
-/// `docs/metrics.md`.
-pub fn catalog() -> impl Iterator<Item = (&'static str, &'static str)> {
-    CATALOG
-        .iter()
-        .chain(crate::store::CATALOG)
-        .chain(crate::cluster::metrics::CATALOG)
-        .chain(crate::delivery::CATALOG)
-        .chain(crate::logging::CATALOG)
-        .chain(crate::recipients::CATALOG)
-        .copied()
-}
-
-/// The gateway's own metrics with their kinds (see also [`catalog`]).
+/// The gateway's own metrics with their kinds (`telemetry.rs` lists every metric).
 pub const CATALOG: &[(&str, &str)] = &[
     (CONNECTIONS, "gauge"),
     (CONNECTIONS_REJECTED, "counter"),
@@ -75,44 +61,8 @@ pub const CATALOG: &[(&str, &str)] = &[
     (RATE_LIMIT_ENTRIES, "gauge"),
 ];
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-];
-
-/// Installs the process-wide Prometheus recorder (once; later calls share it) and returns the
-/// handle that renders `/metrics`.
-pub fn install() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
-                .set_buckets(LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(crate::store::metric::BATCH_ROWS.to_owned()),
-                        crate::store::BATCH_ROWS_BUCKETS,
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full(crate::store::metric::FLUSH_SECONDS.to_owned()),
-                        crate::store::FLUSH_SECONDS_BUCKETS,
-                    )
-                })
-                .expect("buckets are not empty")
-                .install_recorder()
-                .expect("no other metrics recorder is installed");
-            describe();
-            crate::store::describe_metrics();
-            crate::cluster::metrics::describe();
-            crate::delivery::describe_metrics();
-            crate::recipients::describe_metrics();
-            handle
-        })
-        .clone()
-}
-
-fn describe() {
+/// Describes this module's metrics to the recorder.
+pub fn describe() {
     describe_gauge!(
         CONNECTIONS,
         "Live authenticated connections, by transport and channel type."

@@ -11,12 +11,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{unix_millis, AuthSetupError, Authenticator};
+use crate::auth::{AuthSetupError, Authenticator};
+use crate::base::unix_millis;
+use crate::base::TransportKind;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::Settings;
 use crate::limits::Rate;
 use crate::metrics::HotMetrics;
-use crate::registry::{Registry, TransportKind};
+use crate::registry::Registry;
 use crate::router::Router;
 use crate::store::{Store, StoreError};
 

@@ -42,7 +42,7 @@ pub mod metric {
     pub const RECORDED: &str = "imgate_known_users_recorded_total";
 }
 
-/// This module's metrics with their kinds (see `crate::metrics::catalog`).
+/// This module's metrics with their kinds (`telemetry.rs` lists every metric).
 pub const CATALOG: &[(&str, &str)] = &[(metric::CHECKS, "counter"), (metric::RECORDED, "counter")];
 
 pub fn describe_metrics() {
@@ -96,7 +96,7 @@ impl Recipients {
     /// Records `user` as known and waits until it is written (the admin API's registration).
     pub async fn register(&self, user: &str) -> Result<(), StoreError> {
         self.store
-            .register_users(&[user], crate::auth::unix_millis())
+            .register_users(&[user], crate::base::unix_millis())
             .await?;
         counter!(metric::RECORDED, "outcome" => "written").increment(1);
         self.unknown.remove(user);
@@ -163,7 +163,7 @@ async fn record(mut queue: mpsc::Receiver<Arc<str>>, store: Store, known: Arc<Da
         let written = {
             let users: Vec<&str> = batch.iter().map(|u| &**u).collect();
             store
-                .register_users(&users, crate::auth::unix_millis())
+                .register_users(&users, crate::base::unix_millis())
                 .await
         };
         let n = batch.len() as u64;

@@ -13,34 +13,9 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use imgate_shared::{KickReason, MessageId};
-use serde::Serialize;
 
+use crate::base::{Stamp, TransportKind};
 use crate::config::DuplicateLoginPolicy;
-
-/// Which transport a connection uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    Tcp,
-    Ws,
-}
-
-impl TransportKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportKind::Tcp => "tcp",
-            TransportKind::Ws => "ws",
-        }
-    }
-}
-
-/// A message's place: its id and its position in the recipient's stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    pub id: MessageId,
-    /// 0 for pushes outside any stream (broadcasts).
-    pub seq: u64,
-}
 
 /// One encoded frame queued for a connection.
 #[derive(Debug, Clone)]
@@ -373,7 +348,7 @@ impl ConnHandle {
             channel,
             device_id,
             transport,
-            connected_at_ms: crate::auth::unix_millis(),
+            connected_at_ms: crate::base::unix_millis(),
             outbox: Outbox::new(outbox_capacity, node_bytes),
             control: Control::default(),
             held: AtomicUsize::new(0),

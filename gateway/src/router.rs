@@ -7,19 +7,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use imgate_shared::protocol::{encode_push, Body, ErrorCode, PushFields, MAX_ID_LEN};
+use imgate_shared::protocol::{encode_push, Body, ErrorCode, PushFields};
 
 use crate::logging::esc;
 use imgate_shared::{KickReason, MessageId, SendStatus};
 
-use crate::auth::unix_millis;
+use crate::base::unix_millis;
+use crate::base::{valid_user_id, Stamp, BROADCAST_TO};
 use crate::cluster::holds::Reservation;
 use crate::cluster::{Cluster, Route};
 use crate::config::Settings;
 use crate::ids::IdGenerator;
 use crate::metrics::HotMetrics;
 use crate::recipients::Recipients;
-use crate::registry::{Registry, Stamp};
+use crate::registry::Registry;
 use crate::store::{DeliveryState, NewMessage, Store, StoreError, WritePermit};
 
 /// A message accepted by this node.
@@ -94,61 +95,6 @@ const FLOOR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest wait for the database when a retried send looks for its stored original; then it is
 /// taken as a new message (and still stored only once).
 const REPEAT_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// What an id must be, for error messages: the rule [`valid_id`] checks.
-pub const ID_RULE: &str = "1 to 128 bytes of UTF-8 without control characters (Cc), \
-format characters (Cf, such as bidi overrides and zero-width characters) or white space";
-
-/// Checks a user id, device id or client message id: 1 to [`MAX_ID_LEN`] bytes, every character
-/// printable (see [`id_char`]).
-pub fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_LEN && s.chars().all(id_char)
-}
-
-/// Whether `c` may appear in an id: anything but a control character (general category Cc:
-/// NUL, CR, LF, ESC, DEL, C1 controls), a format character (Cf: bidi overrides and isolates,
-/// zero-width joiners and spaces, the BOM, soft hyphen, tag characters...) and white space
-/// (the Unicode White_Space property, which includes the ASCII space and the line and
-/// paragraph separators). Such characters forge or hide text where ids are shown: logs,
-/// terminals, admin pages.
-pub fn id_char(c: char) -> bool {
-    !(c.is_control() || c.is_whitespace() || is_format_char(c))
-}
-
-/// General category Cf (Unicode 15.1).
-fn is_format_char(c: char) -> bool {
-    matches!(
-        c as u32,
-        0xAD | 0x600..=0x605
-            | 0x61C
-            | 0x6DD
-            | 0x70F
-            | 0x890..=0x891
-            | 0x8E2
-            | 0x180E
-            | 0x200B..=0x200F
-            | 0x202A..=0x202E
-            | 0x2060..=0x2064
-            | 0x2066..=0x206F
-            | 0xFEFF
-            | 0xFFF9..=0xFFFB
-            | 0x110BD
-            | 0x110CD
-            | 0x13430..=0x1343F
-            | 0x1BCA0..=0x1BCA3
-            | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
-    )
-}
-
-/// The `to` of a broadcast push; never a user id.
-pub const BROADCAST_TO: &str = "*";
-
-/// Checks a user id: a valid id other than [`BROADCAST_TO`].
-pub fn valid_user_id(s: &str) -> bool {
-    valid_id(s) && s != BROADCAST_TO
-}
 
 /// The protocol error a store refusal is reported with.
 fn store_error_code(e: &StoreError) -> ErrorCode {
@@ -483,55 +429,5 @@ impl Router {
                 .connections as usize;
         }
         kicked
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_printable_without_white_space() {
-        for ok in [
-            "alice",
-            "bob-phone",
-            "用户42",
-            "Ünïcödé",
-            "a.b_c@d",
-            "😀",
-            "x",
-        ] {
-            assert!(valid_id(ok), "{ok:?}");
-        }
-        let long = "a".repeat(MAX_ID_LEN + 1);
-        for bad in [
-            "",
-            long.as_str(),
-            "a\nb",
-            "a\r",
-            "a\0",
-            "\u{1b}[31mred",
-            "a\u{7f}",
-            "a\u{85}",
-            "a b",
-            "a\tb",
-            "a\u{a0}b",
-            "a\u{2028}b",
-            "evil\u{202e}gnp.exe",
-            "a\u{2066}b",
-            "zero\u{200b}width",
-            "\u{feff}bom",
-            "soft\u{ad}hyphen",
-            "tag\u{e0041}",
-        ] {
-            assert!(!valid_id(bad), "{bad:?}");
-        }
-        assert!(valid_id(&"é".repeat(MAX_ID_LEN / 2)));
-        assert!(
-            !valid_id(&"é".repeat(MAX_ID_LEN / 2 + 1)),
-            "bytes, not characters"
-        );
-        assert!(!valid_user_id(BROADCAST_TO));
-        assert!(ID_RULE.contains(&MAX_ID_LEN.to_string()));
     }
 }

@@ -437,7 +437,7 @@ async fn openapi_document_is_served_and_matches_the_routes() {
 fn metrics_catalog_documents_every_metric() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
         .unwrap();
-    for (name, kind) in imgate::metrics::catalog() {
+    for (name, kind) in imgate::telemetry::catalog() {
         assert!(
             doc.contains(&format!("`{name}`")),
             "docs/metrics.md lacks {name}"

@@ -11,12 +11,12 @@ use bytes::Bytes;
 use fred::prelude::{Builder, ClientLike, Config, KeysInterface, PubsubInterface};
 use fred::types::CustomCommand;
 use futures_util::TryStreamExt;
+use imgate::base::Stamp;
 use imgate::cluster::{
     Cluster, ClusterError, LocalConnection, LocalNode, RegisterOutcome, RemoteDelivery, Route,
 };
 use imgate::config::{DuplicateLoginPolicy, RoutingMode, Secret, Settings};
 use imgate::ids::IdGenerator;
-use imgate::registry::Stamp;
 use imgate_loadtest::fault::PrivateRedis;
 use imgate_shared::KickReason;
 
@@ -85,7 +85,7 @@ impl FakeNode {
             channel: channel.into(),
             device_id: format!("device-{conn_id}"),
             transport: "tcp".into(),
-            connected_since_ms: imgate::auth::unix_millis(),
+            connected_since_ms: imgate::base::unix_millis(),
         };
         self.conns.lock().unwrap().push(c.clone());
         c

@@ -72,7 +72,7 @@ pub use bus::{Bus, BusError, BusMessage, LocalBus, RedisBus, Subscription};
 pub use sessions::{Resume, Session, SessionCheck, SessionTicket};
 pub use streams::{Position, Route};
 
-use crate::auth::unix_millis;
+use crate::base::unix_millis;
 use crate::config::{DuplicateLoginPolicy, RoutingMode, Settings};
 use crate::ids::IdGenerator;
 use bus::RedisOptions;
@@ -97,7 +97,7 @@ pub trait LocalNode: Send + Sync + 'static {
         &self,
         user: &str,
         channel: Option<&str>,
-        stamp: crate::registry::Stamp,
+        stamp: crate::base::Stamp,
         push: Bytes,
     ) -> u32;
     /// Queues `push` on every live local connection (of `channel` if Some); returns how many.
@@ -516,7 +516,7 @@ impl Cluster {
         &self,
         user: &str,
         channel: Option<&str>,
-        stamp: crate::registry::Stamp,
+        stamp: crate::base::Stamp,
         push: Bytes,
     ) -> RemoteDelivery {
         self.deliver_remote_via(user, channel, stamp, push, Route::UNKNOWN)
@@ -529,7 +529,7 @@ impl Cluster {
         &self,
         user: &str,
         channel: Option<&str>,
-        stamp: crate::registry::Stamp,
+        stamp: crate::base::Stamp,
         push: Bytes,
         route: Route,
     ) -> RemoteDelivery {

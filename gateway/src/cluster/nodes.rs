@@ -15,7 +15,7 @@ use tracing::warn;
 use super::keys::Keys;
 use super::scripts::Scripts;
 use super::{ClusterError, NodeInfo};
-use crate::auth::unix_millis;
+use crate::base::unix_millis;
 
 /// Message-id tags are 10 bits.
 const TAGS: u16 = 1024;

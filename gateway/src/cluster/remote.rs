@@ -415,7 +415,7 @@ impl Inner {
                 let n = self.local.deliver_local(
                     &user,
                     channel.as_deref(),
-                    crate::registry::Stamp { id, seq },
+                    crate::base::Stamp { id, seq },
                     push_bytes(&payload, push),
                 );
                 self.reply(&from, &from_instance, req, u64::from(n));

@@ -269,6 +269,64 @@ impl Script {
     }
 }
 
+// Stream positions (`streams.rs`).
+
+/// Advances a stream counter. `KEYS[1]` the counter, `KEYS[2]` the stream epoch. `ARGV`: TTL in
+/// ms, the floor (highest stored position) or `''` when the caller has not read it, the epoch
+/// the caller knows. Returns -2 when that is not the current epoch (the caller learns it and
+/// calls again; see `epochs.rs`), -1 when the counter does not exist and no floor was given
+/// (the caller reads the floor and calls again), else the new position. A counter is created
+/// at the floor or at the epoch's first position, whichever is higher. Two nodes racing to
+/// create a counter both end up incrementing the same one.
+pub(crate) const SEQ_NEXT: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -2 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[2] == '' then return -1 end
+  local start = math.max(tonumber(ARGV[2]), tonumber(ARGV[3]) * 4294967296)
+  redis.call('SET', KEYS[1], string.format('%.0f', start))
+end
+local v = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return v
+"#;
+
+/// Advances the counters of a batch of messages and, under routed routing, reads where each
+/// recipient is connected, in one call. `KEYS`: per message, the recipient's counter and presence
+/// hash. `ARGV`: node key prefix, counter TTL in ms, `nodes` (read presence) or `''`, the stream
+/// epoch's key, the epoch the caller knows, then per message its channel type filter (`''` for
+/// any). Returns per message `{position, node id...}` with the distinct live nodes holding the
+/// recipient (of the channel type), `{-1}` when the counter does not exist (the caller starts it
+/// from the database with [`SEQ_NEXT`]), or `{-2}` for every message when the epoch is not the
+/// current one (see `epochs.rs`).
+pub(crate) const POSITIONS: &str = r#"
+local ttl, want = ARGV[2], ARGV[3]
+local out = {}
+if redis.call('GET', ARGV[4]) ~= ARGV[5] then
+  for i = 1, #KEYS / 2 do out[i] = {-2} end
+  return out
+end
+for i = 1, #KEYS / 2 do
+  local counter, presence = KEYS[2 * i - 1], KEYS[2 * i]
+  local item = {-1}
+  if redis.call('EXISTS', counter) == 1 then
+    item[1] = redis.call('INCR', counter)
+    redis.call('PEXPIRE', counter, ttl)
+    if want == 'nodes' then
+      local channel, seen = ARGV[5 + i], {}
+      for _, x in ipairs(live_entries(presence)) do
+        local node = x.entry.node_id
+        if (channel == '' or x.entry.channel == channel) and not seen[node] then
+          seen[node] = true
+          item[#item + 1] = node
+        end
+      end
+    end
+  end
+  out[i] = item
+end
+return out
+"#;
+
 /// Every script, loaded once per cluster.
 pub(crate) struct Scripts {
     pub(crate) register: Script,
@@ -292,8 +350,8 @@ impl Scripts {
             node_refresh: Script::new(NODE_REFRESH.to_owned()),
             nodes: Script::new(NODES.to_owned()),
             node_leave: Script::new(NODE_LEAVE.to_owned()),
-            seq_next: Script::new(super::streams::SEQ_NEXT.to_owned()),
-            positions: Script::new(with_liveness(super::streams::POSITIONS)),
+            seq_next: Script::new(SEQ_NEXT.to_owned()),
+            positions: Script::new(with_liveness(POSITIONS)),
             session_resume: Script::new(super::sessions::SESSION_RESUME.to_owned()),
         }
     }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::timeout;
 
 use super::{Cluster, ClusterError};
-use crate::auth::unix_millis;
+use crate::base::unix_millis;
 
 /// The embedded map sweeps out expired sessions once every this many new sessions.
 const SWEEP_EVERY: u64 = 4_096;

@@ -550,7 +550,7 @@ impl Store {
     pub async fn reserve(&self) -> Result<WritePermit, StoreError> {
         let inner = &*self.inner;
         if inner.max_queue_age_ms > 0
-            && inner.shared.queue_age_ms(crate::auth::unix_millis()) > inner.max_queue_age_ms
+            && inner.shared.queue_age_ms(crate::base::unix_millis()) > inner.max_queue_age_ms
         {
             // Say no early: what is queued already will be late.
             count_refused("queue_age");
@@ -905,7 +905,7 @@ impl Store {
     /// Rows queued for the writer, places reserved but not yet written included.
     /// How long the oldest message not yet committed has waited, in milliseconds.
     pub fn queue_age_ms(&self) -> u64 {
-        self.inner.shared.queue_age_ms(crate::auth::unix_millis())
+        self.inner.shared.queue_age_ms(crate::base::unix_millis())
     }
 
     pub fn queue_depth(&self) -> usize {

@@ -145,7 +145,7 @@ impl Shared {
     /// the same order, so that two writers (of two nodes) cannot deadlock on them. They stay
     /// visible to [`unwritten_cursor`](Self::unwritten_cursor) until [`flushed`](Self::flushed).
     fn take_cursors(&self) -> Vec<CursorRow> {
-        let now = crate::auth::unix_millis() as i64;
+        let now = crate::base::unix_millis() as i64;
         let mut cursors = self.lock_cursors();
         let queued = std::mem::take(&mut cursors.queued);
         for (key, &seq) in &queued {

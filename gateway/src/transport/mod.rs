@@ -12,8 +12,8 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::base::TransportKind;
 use crate::config::ClientSettings;
-use crate::registry::TransportKind;
 
 pub use tcp::{TcpReader, TcpWriter};
 pub use ws::{WsReader, WsWriter};
