@@ -2,8 +2,9 @@
 //! `Cluster`s in one process, each with a fake local node and its own node id, every test under its
 //! own random key prefix. The Redis-restart test runs a private `redis-server` on a free port.
 
+mod common;
+
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ use imgate::ids::IdGenerator;
 use imgate_loadtest::fault::PrivateRedis;
 use imgate_shared::KickReason;
 
+use common::{init_tracing, random_prefix, redis_url, wait_for};
+
 const NODE_TTL_MS: u64 = 1_500;
 const REFRESH_MS: u64 = 300;
 /// Upper bound on waiting for something that should happen; generous for a loaded machine.
@@ -30,23 +33,6 @@ const STAMP: Stamp = Stamp {
     id: imgate_shared::MessageId(1),
     seq: 1,
 };
-
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn unique_prefix() -> String {
-    format!("imgate-test-{:016x}", rand::random::<u64>())
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 fn settings(url: &str, prefix: &str, node_id: &str, routing: RoutingMode) -> Settings {
     let mut s = Settings::default();
@@ -200,31 +186,12 @@ async fn start_node(settings: &Settings) -> TestNode {
 /// Starts `ids.len()` nodes on Redis under a fresh prefix.
 async fn start_nodes(ids: &[&str], routing: RoutingMode) -> (String, Vec<TestNode>) {
     init_tracing();
-    let prefix = unique_prefix();
+    let prefix = random_prefix();
     let mut nodes = Vec::new();
     for id in ids {
         nodes.push(start_node(&settings(&redis_url(), &prefix, id, routing)).await);
     }
     (prefix, nodes)
-}
-
-/// Polls `check` until it yields `Some`, failing the test after `bound`.
-async fn wait_for<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            started.elapsed() < bound,
-            "timed out after {bound:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Leaves the cluster with every node still running, then deletes every key of the test's prefix
@@ -497,7 +464,7 @@ async fn broadcast_reaches_every_other_node_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_does_not_answer_makes_the_delivery_incomplete() {
     init_tracing();
-    let prefix = unique_prefix();
+    let prefix = random_prefix();
     let url = redis_url();
     let mut nodes = Vec::new();
     for id in ["a", "b"] {
@@ -1045,7 +1012,7 @@ async fn message_id_tags_are_unique_among_live_nodes() {
         })
         .unwrap();
     let tag = IdGenerator::tag_for(&first);
-    let prefix = unique_prefix();
+    let prefix = random_prefix();
     let url = redis_url();
     let a = start_node(&settings(&url, &prefix, &first, RoutingMode::Routed)).await;
     let b = start_node(&settings(&url, &prefix, &second, RoutingMode::Routed)).await;
@@ -1194,7 +1161,7 @@ async fn start_up_gives_up_on_an_unreachable_redis() {
     let port = imgate_loadtest::fault::free_port();
     let mut s = settings(
         &format!("redis://127.0.0.1:{port}"),
-        &unique_prefix(),
+        &random_prefix(),
         "a",
         RoutingMode::Routed,
     );
@@ -1215,7 +1182,7 @@ async fn start_up_gives_up_on_an_unreachable_redis() {
 async fn nodes_recover_after_a_redis_restart() {
     init_tracing();
     let mut redis = PrivateRedis::start().await;
-    let prefix = unique_prefix();
+    let prefix = random_prefix();
     let a = start_node(&settings(&redis.url(), &prefix, "a", RoutingMode::Routed)).await;
     let b = start_node(&settings(&redis.url(), &prefix, "b", RoutingMode::Routed)).await;
     register(
@@ -1377,7 +1344,7 @@ async fn nodes_recover_after_a_redis_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_is_held_by_the_node_that_took_it_until_settled_or_gone() {
     init_tracing();
-    let prefix = unique_prefix();
+    let prefix = random_prefix();
     let url = redis_url();
     let mut nodes = Vec::new();
     for id in ["a", "b", "c"] {

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{cluster_settings, random_prefix, IsolatedNode, MysqlDb};
+use common::{cluster_settings, eventually, random_prefix, IsolatedNode, MysqlDb};
 use imgate::config::RoutingMode;
 use imgate_loadtest::fault::PrivateRedis;
 use imgate_shared::{ClientFrame, KickReason, SendStatus, ServerFrame};
@@ -41,21 +39,6 @@ fn status(frame: &ServerFrame) -> (SendStatus, u32) {
         } => (*status, *connections),
         other => panic!("expected send_result, got {other:?}"),
     }
-}
-
-/// Polls `check` (bounded) until it holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1_500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never happened: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

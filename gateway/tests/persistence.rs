@@ -320,7 +320,7 @@ async fn a_retry_is_answered_from_the_store_and_not_pushed_again() {
 }
 
 #[tokio::test]
-async fn history_pages_are_complete_and_newest_first() {
+async fn the_history_api_pages_are_complete_and_newest_first() {
     let db = MysqlDb::create().await;
     let node = node_on(&db, |_| {}).await;
     let mut alice = node.login(&node.tcp(), "alice", "app").await;

@@ -8,7 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::proxy::Proxy;
-use common::{cluster_settings, random_prefix, IsolatedNode, MysqlDb, TestNode, WAIT};
+use common::{
+    cluster_settings, eventually, init_tracing, random_prefix, IsolatedNode, MysqlDb, TestNode,
+    WAIT,
+};
 use imgate::config::RoutingMode;
 use imgate_shared::client::{Backoff, Client, ClientConfig, Event};
 use imgate_shared::connection::Endpoint;
@@ -20,15 +23,6 @@ use tokio::sync::mpsc;
 
 /// Messages each stream test sends.
 const TOTAL: usize = 1_000;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// A Rust client's configuration with a short reconnect backoff.
 fn config(endpoints: Vec<Endpoint>, token: String, device: &str, channel: &str) -> ClientConfig {
@@ -227,21 +221,6 @@ async fn until(
         let event = next_event(events, received).await;
         received.record(event);
     }
-}
-
-/// Polls `check` (bounded) until it holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1_000 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("never happened: {what}");
 }
 
 /// Sends the end marker `{"end": true}` and records `received`'s events up to it: whatever the

@@ -3,6 +3,8 @@
 //! `mysql://root@127.0.0.1:3306`, dropped afterwards). The outage test starts a private
 //! `mariadbd` on a free port and kills it.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,8 @@ use imgate::store::{
     DeliveryState, NewMessage, PendingWrite, Persisted, Store, StoreError, StoredMessage, MAX_PAGE,
 };
 use imgate_shared::MessageId;
+
+use common::mysql_server_url;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
@@ -73,13 +77,6 @@ on_both_backends!(
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn mysql_server_url() -> String {
-    std::env::var("TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
-        .trim_end_matches('/')
-        .to_owned()
-}
 
 fn random_name(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
