@@ -409,7 +409,7 @@ impl Default for ClientSettings {
             max_queued_bytes_total: 1024 * 1024 * 1024,
             send_rate: 100.0,
             send_burst: 200,
-            max_unanswered_sends: 4_096,
+            max_unanswered_sends: 1_024,
             user_send_rate: 200.0,
             user_send_burst: 400,
             login_rate: 0.0,
