@@ -817,17 +817,12 @@ impl Connection {
                         // The node holds all the sends it can answer in time: say no at once.
                         ::metrics::counter!(metrics::SENDS_SHED).increment(1);
                         self.node.metrics.refused.increment(1);
-                        reply(
-                            out,
-                            &ServerFrame::SendResult {
-                                client_msg_id,
-                                id: None,
-                                status: imgate_shared::SendStatus::Refused,
-                                connections: 0,
-                                reason: Some(ErrorCode::Unavailable),
-                                retry_after_ms: Some(BACKLOG_RETRY_MS),
-                            },
+                        let refusal = refused_at_once(
+                            client_msg_id,
+                            ErrorCode::Unavailable,
+                            BACKLOG_RETRY_MS,
                         );
+                        reply(out, &refusal);
                         return None;
                     };
                     let send = Deferred {
@@ -847,17 +842,9 @@ impl Connection {
                 } else {
                     // Too many sends unanswered: say no at once rather than stop reading.
                     ::metrics::counter!(metrics::RATE_LIMITED, "limit" => "backlog").increment(1);
-                    reply(
-                        out,
-                        &ServerFrame::SendResult {
-                            client_msg_id,
-                            id: None,
-                            status: imgate_shared::SendStatus::Refused,
-                            connections: 0,
-                            reason: Some(ErrorCode::RateLimited),
-                            retry_after_ms: Some(BACKLOG_RETRY_MS),
-                        },
-                    );
+                    let refusal =
+                        refused_at_once(client_msg_id, ErrorCode::RateLimited, BACKLOG_RETRY_MS);
+                    reply(out, &refusal);
                 }
                 return None;
             }
@@ -915,14 +902,8 @@ impl Connection {
         if let Some((limit, wait)) = limited {
             metrics::counter_rate_limited(limit);
             node.metrics.refused.increment(1);
-            let frame = ServerFrame::SendResult {
-                client_msg_id,
-                id: None,
-                status: imgate_shared::SendStatus::Refused,
-                connections: 0,
-                reason: Some(ErrorCode::RateLimited),
-                retry_after_ms: Some(retry_after_ms(wait)),
-            };
+            let frame =
+                refused_at_once(client_msg_id, ErrorCode::RateLimited, retry_after_ms(wait));
             self.receipts
                 .push_back(node.tasks.spawn(async move { frame }));
             return;
@@ -1012,6 +993,19 @@ async fn next_receipt(
     let receipt = oldest.await;
     receipts.pop_front();
     receipt
+}
+
+/// The receipt of a send refused before it was taken: nothing was stored; the client may send
+/// it again after `retry_after_ms`.
+fn refused_at_once(client_msg_id: String, reason: ErrorCode, retry_after_ms: u64) -> ServerFrame {
+    ServerFrame::SendResult {
+        client_msg_id,
+        id: None,
+        status: imgate_shared::SendStatus::Refused,
+        connections: 0,
+        reason: Some(reason),
+        retry_after_ms: Some(retry_after_ms),
+    }
 }
 
 /// Queues a reply frame; it leaves with the next write.
