@@ -5,7 +5,7 @@
 #   scripts/compose-test.sh
 #
 # Engine: Docker when `docker info` answers, otherwise Podman with podman-compose, following
-# ../shared/compose-on-this-machine.md (installs podman, podman-compose, runc and debootstrap when
+# docs/podman.md (installs podman, podman-compose, runc and debootstrap when
 # missing; builds a debian:bookworm base image with debootstrap; builds stand-ins for Redis,
 # MariaDB and Prometheus from Debian's packages, because no image can be pulled there). Grafana
 # is started and checked only when its image is available (always with Docker; with Podman only
