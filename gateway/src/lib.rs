@@ -8,6 +8,20 @@
 //! message goes), [`recipients`] (who may receive), [`api`] (the admin HTTP API), [`auth`] (JWT),
 //! [`metrics`] and [`telemetry`], [`config`], and at the bottom [`base`], the shared vocabulary
 //! that imports nothing of the crate. No two modules import each other (`tests/layout.rs`).
+//!
+//! Words, as the code uses them:
+//! - **channel type** (`channel`): the kind of client connection (`app`, `web`, ...), part of the
+//!   key of the local map; a Redis pub/sub channel is a **bus topic** (`cluster/bus.rs`).
+//! - **user stream**: the positions (`seq`) a user's messages take, cluster-wide
+//!   (`cluster/streams.rs`); **device stream**: one device's view of it on one connection, with its
+//!   acknowledgement window (`delivery.rs`). A TCP stream is a socket; a store query is a page.
+//! - **session**: what `resume` restores (`cluster/sessions.rs`); one socket is a **connection**.
+//! - **position** (`seq`), **cursor** (the highest position a device acknowledged), **head** (the
+//!   highest position stored), **hole** (a position taken and never stored), **reservation** (a
+//!   position being taken and not yet settled), **epoch** (the range positions are taken from
+//!   since Redis last lost its data).
+//! - **receipt** (`send_result`): the answer to a send; **refused at once**: answered before the
+//!   send was taken (limits, overload).
 
 pub mod admin_port;
 pub mod api;
