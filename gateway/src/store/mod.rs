@@ -14,8 +14,10 @@
 //!
 //! [`Store::persist`] does all three steps for callers that push nothing. Device cursors
 //! ([`Store::save_cursor`]) travel through the same writer. [`Store::close`] flushes everything
-//! queued. The writer and its retry policy are in `writer.rs`, the SQL in `sql.rs`, start-up and
-//! migrations in `setup.rs`; the schema is `migrations/{mysql,sqlite}`.
+//! queued. The writer and its retry policy are in `writer/` (the loop in `mod.rs`; `queue.rs`,
+//! what the store shares with it; `plan.rs`, statement shaping; `lanes.rs`, the transactions and
+//! duplicate resolution), the SQL in `sql.rs`, start-up and migrations in `setup.rs`; the schema
+//! is `migrations/{mysql,sqlite}`.
 
 mod setup;
 mod sql;
