@@ -399,11 +399,6 @@ impl DeviceStream {
                     && (self.queued_bytes() == 0 || !self.cfg.node.node_over())))
     }
 
-    /// Whether a database read is under way.
-    pub fn is_fetching(&self) -> bool {
-        self.fetching.is_some()
-    }
-
     /// The result of the read [`fetch`](Self::fetch) asked for: rows in position order, and
     /// for a probe, the lowest of its positions some node still holds (asked before the read;
     /// 0 for none, `None` when not every node answered). `now_ms` is the wall clock, for the

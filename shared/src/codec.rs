@@ -9,10 +9,6 @@ use tokio_util::codec::LengthDelimitedCodec;
 /// Default maximum length of one frame's JSON payload (64 KiB).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 
-/// How much longer than the maximum frame length a server frame may be: a `push` wraps a body that
-/// filled a client's frame in its envelope (id, sender, recipient, channel, timestamp).
-pub const SERVER_FRAME_OVERHEAD: usize = 1024;
-
 /// Length of the big-endian length prefix.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 
