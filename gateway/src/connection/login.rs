@@ -13,149 +13,10 @@ impl Connection {
         deadline: Instant,
         pending: PendingGuard,
     ) -> Result<Box<Bound>, Close> {
+        let hello = self.authenticate(deadline).await?;
         let node = self.node.clone();
         let settings = &node.settings;
         let peer = self.peer;
-        let first = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.reader.next()) => r,
-            _ = node.shutdown.cancelled() => {
-                return Err(Close::Error(ErrorCode::ShuttingDown, "node is shutting down".into()))
-            }
-        };
-        let bytes = match first {
-            Err(_) => {
-                return Err(login_failed(
-                    ErrorCode::LoginTimeout,
-                    "no LOGIN within the login timeout",
-                ))
-            }
-            Ok(None) => return Err(Close::PeerClosed),
-            Ok(Some(Err(ReadError::TooLarge))) => {
-                return Err(login_failed(
-                    ErrorCode::FrameTooLarge,
-                    too_large_message(settings.client.max_frame_len),
-                ))
-            }
-            Ok(Some(Err(e))) => return Err(Close::Io(e.to_string())),
-            Ok(Some(Ok(bytes))) => bytes,
-        };
-        let frame = match ClientFrame::decode(&bytes) {
-            Ok(frame) => frame,
-            Err(e) => {
-                return Err(login_failed(
-                    ErrorCode::BadFrame,
-                    format!("invalid frame: {e}"),
-                ))
-            }
-        };
-        metrics::counter_frame_in(frame.kind());
-        if matches!(
-            frame,
-            ClientFrame::Login { .. } | ClientFrame::Resume { .. }
-        ) {
-            // Before the token is checked or a session looked up: that is what costs.
-            if let Err(refusal) = node.logins.attempt(peer.ip(), Instant::now()) {
-                metrics::counter_login(ErrorCode::RateLimited.name());
-                metrics::counter_rate_limited("address");
-                let (message, wait) = match refusal {
-                    LoginRefusal::RateLimited(wait) => (
-                        "too many logins from this address; retry later".to_owned(),
-                        wait,
-                    ),
-                    LoginRefusal::TableFull => (
-                        "too many addresses logging in; retry later".to_owned(),
-                        Duration::from_secs(1),
-                    ),
-                };
-                return Err(Close::RateLimited(message, retry_after_ms(wait)));
-            }
-        }
-        let hello = match frame {
-            ClientFrame::Login {
-                token,
-                device_id,
-                channel,
-                client_version: _,
-                heartbeat,
-                last_seq,
-            } => {
-                check_hello(&device_id, heartbeat)?;
-                if !node.router.is_channel(&channel) {
-                    return Err(login_failed(
-                        ErrorCode::UnknownChannel,
-                        format!(
-                            "unknown channel type {channel:?}; accepted: {}",
-                            settings.channels.types.join(", ")
-                        ),
-                    ));
-                }
-                let claims = match node.auth.verify(&token) {
-                    Ok(c) => c,
-                    Err(e) => return Err(login_failed(e.code(), e.to_string())),
-                };
-                Hello {
-                    user: claims.sub,
-                    device_id,
-                    channel,
-                    heartbeat,
-                    last_seq: last_seq.unwrap_or(0),
-                    resumed: None,
-                }
-            }
-            ClientFrame::Resume {
-                session_id,
-                device_id,
-                last_seq,
-                client_version: _,
-                heartbeat,
-            } => {
-                check_hello(&device_id, heartbeat)?;
-                // Only read here: the session is replaced once the login can no longer be
-                // refused, so that a refused RESUME leaves it to be presented again.
-                let session = match node.cluster().check_session(&session_id, &device_id).await {
-                    Ok(SessionCheck::Valid(session)) => session,
-                    Ok(SessionCheck::Unknown) => {
-                        count_session("unknown");
-                        return Err(session_expired());
-                    }
-                    Ok(SessionCheck::WrongDevice) => {
-                        count_session("wrong_device");
-                        return Err(login_failed(
-                            ErrorCode::InvalidDevice,
-                            "the session belongs to another device; log in",
-                        ));
-                    }
-                    Err(e) => {
-                        crate::warn_limited!(%peer, error = %esc(&e), "cannot check a session");
-                        return Err(sessions_unavailable());
-                    }
-                };
-                if !node.router.is_channel(&session.channel) {
-                    return Err(login_failed(
-                        ErrorCode::UnknownChannel,
-                        "the session's channel type is no longer accepted; log in",
-                    ));
-                }
-                Hello {
-                    user: session.user,
-                    device_id,
-                    channel: session.channel,
-                    heartbeat,
-                    last_seq: last_seq.unwrap_or(0),
-                    resumed: Some(session_id),
-                }
-            }
-            other => {
-                return Err(login_failed(
-                    ErrorCode::LoginRequired,
-                    format!(
-                        "the first frame must be login or resume, not {}",
-                        other.kind()
-                    ),
-                ))
-            }
-        };
-
         let handle = Arc::new(ConnHandle::new(
             hello.user.into(),
             hello.channel.into(),
@@ -342,5 +203,153 @@ impl Connection {
             session_id: ticket.id,
             stream,
         }))
+    }
+
+    /// Reads the first frame, which must be LOGIN (its token is verified) or RESUME (its session
+    /// is checked, not yet used up), and says who is logging in.
+    async fn authenticate(&mut self, deadline: Instant) -> Result<Hello, Close> {
+        let node = self.node.clone();
+        let settings = &node.settings;
+        let peer = self.peer;
+        let first = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.reader.next()) => r,
+            _ = node.shutdown.cancelled() => {
+                return Err(Close::Error(ErrorCode::ShuttingDown, "node is shutting down".into()))
+            }
+        };
+        let bytes = match first {
+            Err(_) => {
+                return Err(login_failed(
+                    ErrorCode::LoginTimeout,
+                    "no LOGIN within the login timeout",
+                ))
+            }
+            Ok(None) => return Err(Close::PeerClosed),
+            Ok(Some(Err(ReadError::TooLarge))) => {
+                return Err(login_failed(
+                    ErrorCode::FrameTooLarge,
+                    too_large_message(settings.client.max_frame_len),
+                ))
+            }
+            Ok(Some(Err(e))) => return Err(Close::Io(e.to_string())),
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        let frame = match ClientFrame::decode(&bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                return Err(login_failed(
+                    ErrorCode::BadFrame,
+                    format!("invalid frame: {e}"),
+                ))
+            }
+        };
+        metrics::counter_frame_in(frame.kind());
+        if matches!(
+            frame,
+            ClientFrame::Login { .. } | ClientFrame::Resume { .. }
+        ) {
+            // Before the token is checked or a session looked up: that is what costs.
+            if let Err(refusal) = node.logins.attempt(peer.ip(), Instant::now()) {
+                metrics::counter_login(ErrorCode::RateLimited.name());
+                metrics::counter_rate_limited("address");
+                let (message, wait) = match refusal {
+                    LoginRefusal::RateLimited(wait) => (
+                        "too many logins from this address; retry later".to_owned(),
+                        wait,
+                    ),
+                    LoginRefusal::TableFull => (
+                        "too many addresses logging in; retry later".to_owned(),
+                        Duration::from_secs(1),
+                    ),
+                };
+                return Err(Close::RateLimited(message, retry_after_ms(wait)));
+            }
+        }
+        let hello = match frame {
+            ClientFrame::Login {
+                token,
+                device_id,
+                channel,
+                client_version: _,
+                heartbeat,
+                last_seq,
+            } => {
+                check_hello(&device_id, heartbeat)?;
+                if !node.router.is_channel(&channel) {
+                    return Err(login_failed(
+                        ErrorCode::UnknownChannel,
+                        format!(
+                            "unknown channel type {channel:?}; accepted: {}",
+                            settings.channels.types.join(", ")
+                        ),
+                    ));
+                }
+                let claims = match node.auth.verify(&token) {
+                    Ok(c) => c,
+                    Err(e) => return Err(login_failed(e.code(), e.to_string())),
+                };
+                Hello {
+                    user: claims.sub,
+                    device_id,
+                    channel,
+                    heartbeat,
+                    last_seq: last_seq.unwrap_or(0),
+                    resumed: None,
+                }
+            }
+            ClientFrame::Resume {
+                session_id,
+                device_id,
+                last_seq,
+                client_version: _,
+                heartbeat,
+            } => {
+                check_hello(&device_id, heartbeat)?;
+                // Only read here: the session is replaced once the login can no longer be
+                // refused, so that a refused RESUME leaves it to be presented again.
+                let session = match node.cluster().check_session(&session_id, &device_id).await {
+                    Ok(SessionCheck::Valid(session)) => session,
+                    Ok(SessionCheck::Unknown) => {
+                        count_session("unknown");
+                        return Err(session_expired());
+                    }
+                    Ok(SessionCheck::WrongDevice) => {
+                        count_session("wrong_device");
+                        return Err(login_failed(
+                            ErrorCode::InvalidDevice,
+                            "the session belongs to another device; log in",
+                        ));
+                    }
+                    Err(e) => {
+                        crate::warn_limited!(%peer, error = %esc(&e), "cannot check a session");
+                        return Err(sessions_unavailable());
+                    }
+                };
+                if !node.router.is_channel(&session.channel) {
+                    return Err(login_failed(
+                        ErrorCode::UnknownChannel,
+                        "the session's channel type is no longer accepted; log in",
+                    ));
+                }
+                Hello {
+                    user: session.user,
+                    device_id,
+                    channel: session.channel,
+                    heartbeat,
+                    last_seq: last_seq.unwrap_or(0),
+                    resumed: Some(session_id),
+                }
+            }
+            other => {
+                return Err(login_failed(
+                    ErrorCode::LoginRequired,
+                    format!(
+                        "the first frame must be login or resume, not {}",
+                        other.kind()
+                    ),
+                ))
+            }
+        };
+        Ok(hello)
     }
 }
