@@ -13,66 +13,12 @@ impl Connection {
         deadline: Instant,
         pending: PendingGuard,
     ) -> Result<Box<Bound>, Close> {
-        let hello = self.authenticate(deadline).await?;
+        let mut hello = self.authenticate(deadline).await?;
         let node = self.node.clone();
         let settings = &node.settings;
         let peer = self.peer;
-        let handle = Arc::new(ConnHandle::new(
-            hello.user.into(),
-            hello.channel.into(),
-            hello.device_id.into(),
-            self.kind,
-            settings.client.outbox_capacity,
-            node.registry().queued().clone(),
-        ));
+        let handle = self.bind(&mut hello).await?;
         let (conn, user) = (handle.id, &*handle.user);
-        let policy = settings.channels.policy(&handle.channel);
-        let resuming = hello.resumed.is_some();
-        match node.router.registry().register(handle.clone(), policy) {
-            Ok(displaced) => {
-                for old in displaced {
-                    // A RESUME takes the session of its own device's older connection over.
-                    if resuming && old.device_id == handle.device_id {
-                        old.control.kick_keeping_session();
-                    } else {
-                        old.control.kick(KickReason::DuplicateLogin);
-                    }
-                }
-            }
-            Err(RegisterError::Duplicate) => {
-                debug_assert_eq!(policy, DuplicateLoginPolicy::RejectNew);
-                return Err(login_failed(
-                    ErrorCode::DuplicateLogin,
-                    "already connected on this channel type",
-                ));
-            }
-            Err(RegisterError::TooMany) => return Err(too_many_connections(settings)),
-        }
-        node.router.recipients().logged_in(&handle.user);
-        // The same policy across the cluster: older connections on other nodes are kicked there.
-        match node
-            .cluster()
-            .register_as(&handle.presence(), policy, resuming)
-            .await
-        {
-            Ok(RegisterOutcome::Registered) => {}
-            Ok(RegisterOutcome::Rejected) => {
-                node.registry().unregister(&handle.user, handle.id);
-                return Err(login_failed(
-                    ErrorCode::DuplicateLogin,
-                    "already connected on this channel type on another node",
-                ));
-            }
-            Ok(RegisterOutcome::TooMany) => {
-                node.registry().unregister(&handle.user, handle.id);
-                return Err(too_many_connections(settings));
-            }
-            Err(e) => {
-                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "presence not registered; it is re-registered when the cluster recovers")
-            }
-        }
-        // Released by `unregister`.
-        node.user_sends.acquire(&handle.user);
         // From here on live pushes reach this connection (locally and from other nodes); what
         // was sent before is in the database, or on its way there, below the stream's head.
         let (stored_cursor, stored_head) = match node
@@ -351,5 +297,71 @@ impl Connection {
             }
         };
         Ok(hello)
+    }
+
+    /// Binds the connection to its user: registered in the local map and, under the same
+    /// duplicate-login policy, in the cluster (older connections are kicked where they are),
+    /// and counted against the user's send rate. Takes the ids out of `hello`.
+    async fn bind(&mut self, hello: &mut Hello) -> Result<Arc<ConnHandle>, Close> {
+        let node = self.node.clone();
+        let settings = &node.settings;
+        let peer = self.peer;
+        let handle = Arc::new(ConnHandle::new(
+            std::mem::take(&mut hello.user).into(),
+            std::mem::take(&mut hello.channel).into(),
+            std::mem::take(&mut hello.device_id).into(),
+            self.kind,
+            settings.client.outbox_capacity,
+            node.registry().queued().clone(),
+        ));
+        let (conn, user) = (handle.id, &*handle.user);
+        let policy = settings.channels.policy(&handle.channel);
+        let resuming = hello.resumed.is_some();
+        match node.router.registry().register(handle.clone(), policy) {
+            Ok(displaced) => {
+                for old in displaced {
+                    // A RESUME takes the session of its own device's older connection over.
+                    if resuming && old.device_id == handle.device_id {
+                        old.control.kick_keeping_session();
+                    } else {
+                        old.control.kick(KickReason::DuplicateLogin);
+                    }
+                }
+            }
+            Err(RegisterError::Duplicate) => {
+                debug_assert_eq!(policy, DuplicateLoginPolicy::RejectNew);
+                return Err(login_failed(
+                    ErrorCode::DuplicateLogin,
+                    "already connected on this channel type",
+                ));
+            }
+            Err(RegisterError::TooMany) => return Err(too_many_connections(settings)),
+        }
+        node.router.recipients().logged_in(&handle.user);
+        // The same policy across the cluster: older connections on other nodes are kicked there.
+        match node
+            .cluster()
+            .register_as(&handle.presence(), policy, resuming)
+            .await
+        {
+            Ok(RegisterOutcome::Registered) => {}
+            Ok(RegisterOutcome::Rejected) => {
+                node.registry().unregister(&handle.user, handle.id);
+                return Err(login_failed(
+                    ErrorCode::DuplicateLogin,
+                    "already connected on this channel type on another node",
+                ));
+            }
+            Ok(RegisterOutcome::TooMany) => {
+                node.registry().unregister(&handle.user, handle.id);
+                return Err(too_many_connections(settings));
+            }
+            Err(e) => {
+                crate::warn_limited!(%peer, conn, user, error = %esc(&e), "presence not registered; it is re-registered when the cluster recovers")
+            }
+        }
+        // Released by `unregister`.
+        node.user_sends.acquire(&handle.user);
+        Ok(handle)
     }
 }
