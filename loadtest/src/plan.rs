@@ -189,6 +189,9 @@ pub struct ChatResult {
     pub last_send_us: u64,
     pub last_recv_us: u64,
     pub latency: HistData,
+    /// Time from a send to its receipt (or refusal).
+    #[serde(default)]
+    pub receipt_latency: HistData,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

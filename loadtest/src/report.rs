@@ -125,6 +125,9 @@ pub struct ChatSummary {
     /// Messages received per second, first send to last receive.
     pub throughput_per_s: f64,
     pub latency: Percentiles,
+    /// Send → receipt (delivered, stored or refused).
+    #[serde(default)]
+    pub receipt_latency: Percentiles,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -166,6 +169,8 @@ pub struct Merged {
     pub r: ShardResult,
     pub login: Hist,
     pub chat: Option<Hist>,
+    /// Send → receipt, chat only.
+    pub receipts: Option<Hist>,
     pub broadcast: Option<Hist>,
 }
 
@@ -217,6 +222,9 @@ pub fn merge(results: &[ShardResult]) -> Merged {
             m.chat
                 .get_or_insert_with(Hist::default)
                 .add(&Hist::from_data(&c.latency));
+            m.receipts
+                .get_or_insert_with(Hist::default)
+                .add(&Hist::from_data(&c.receipt_latency));
         }
         if let Some(b) = &s.broadcast {
             let into = r.broadcast.get_or_insert_with(Default::default);
@@ -391,6 +399,10 @@ impl Report {
             row(
                 "message latency p50 / p90 / p99 / p99.9 / max (ms)",
                 pct_text(&ch.latency),
+            );
+            row(
+                "receipt latency p50 / p90 / p99 / p99.9 / max (ms)",
+                pct_text(&ch.receipt_latency),
             );
         }
         if let Some(b) = &self.broadcast {

@@ -601,6 +601,7 @@ async fn scenario(command: Command, opts: &RunOptions) -> anyhow::Result<Report>
                 send_rate_per_s: per_sec(r.sent, send_secs),
                 throughput_per_s: per_sec(r.received, throughput_secs),
                 latency: hist.percentiles(),
+                receipt_latency: m.receipts.clone().unwrap_or_default().percentiles(),
             });
             curve = LatencyCurve {
                 what: "message latency (send → push received)".into(),

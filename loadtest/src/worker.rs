@@ -78,6 +78,8 @@ struct ChatState {
     foreign: u64,
     receipts: BTreeMap<String, u64>,
     hist: Hist,
+    /// Send → receipt.
+    receipt_hist: Hist,
     first_send_us: u64,
     last_send_us: u64,
     last_recv_us: u64,
@@ -198,8 +200,11 @@ impl Ctx {
         }
     }
 
-    fn on_receipt(&self, local: u32, seq: u64, status: &str) {
+    fn on_receipt(&self, local: u32, seq: u64, status: &str, waited_us: Option<u64>) {
         let mut st = self.chat_state.lock().unwrap();
+        if let Some(us) = waited_us {
+            st.receipt_hist.record_us(us);
+        }
         match st.receipts.get_mut(status) {
             Some(n) => *n += 1,
             None => {
@@ -607,6 +612,8 @@ async fn session(
     let heartbeat = sleep(every.unwrap_or(Duration::from_secs(86_400)));
     tokio::pin!(heartbeat);
     let mut seq = 0u64;
+    // Send times of the sends without a receipt yet, by sequence number.
+    let mut sent_at: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     let mut seen = Bits::default();
     // The highest stream position received on this connection.
     let mut highest = 0u64;
@@ -646,7 +653,8 @@ async fn session(
                         }
                     }
                     In::Receipt { seq, status } => {
-                        ctx.on_receipt(local, seq, &status);
+                        let waited = sent_at.remove(&seq).map(|at| now_us().saturating_sub(at));
+                        ctx.on_receipt(local, seq, &status, waited);
                         None
                     }
                     In::Ping => Some(wire::EIO_PONG.to_vec()),
@@ -667,6 +675,7 @@ async fn session(
                 let sent_us = now_us();
                 let body = wire::chat_body(global, seq, sent_us, payload);
                 let frame = wire::chat_send(kind, &ctx.plan.user(to), seq, &body);
+                sent_at.insert(seq, sent_us);
                 seq += 1;
                 if let Err(e) = conn.send(&frame).await {
                     return Some(e.code("IO"));
@@ -739,6 +748,7 @@ fn result(ctx: &Ctx) -> ShardResult {
             last_send_us: st.last_send_us,
             last_recv_us: st.last_recv_us,
             latency: st.hist.to_data(),
+            receipt_latency: st.receipt_hist.to_data(),
         }
     });
     let broadcast = matches!(ctx.plan.scenario, ScenarioPlan::Broadcast(_)).then(|| {

@@ -215,6 +215,8 @@ fn assert_chat_adds_up(report: &Report, messages: u64) {
     assert_eq!(chat.delivered, messages);
     assert_eq!((chat.lost, chat.duplicated, chat.unexpected), (0, 0, 0));
     assert_eq!(chat.latency.count, messages);
+    assert_eq!(chat.receipt_latency.count, messages, "every receipt timed");
+    assert!(chat.receipt_latency.p50_ms <= chat.receipt_latency.max_ms);
     assert!(
         chat.latency.p50_ms <= chat.latency.p99_ms && chat.latency.p99_ms <= chat.latency.max_ms
     );
