@@ -7,8 +7,10 @@
 //! Known users are rows of `known_users`, shared by every node. Each node remembers the users it
 //! has seen known (bounded; forgotten wholesale when full) and, for a second, those it found
 //! unknown, so that a stream of messages to made-up ids costs one query per id per second.
-//! Logins are recorded in batches by a background task whatever the policy, so that switching
-//! to `known` later does not refuse users who were already here.
+//! Under `known`, logins are recorded in batches by a background task, and a node starting
+//! records every user that has a device cursor (one that logged in and acknowledged a message,
+//! under any policy), so that switching to `known` does not refuse users who were already here.
+//! Under `any` nothing is recorded: the policy costs nothing where it is not used.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +64,8 @@ pub struct Recipients {
     known: Arc<DashSet<Arc<str>>>,
     unknown: DashMap<String, Instant>,
     to_record: mpsc::Sender<Arc<str>>,
+    /// Set once the users with a device cursor are recorded as known (the first lookup does it).
+    backfilled: tokio::sync::OnceCell<()>,
 }
 
 impl Recipients {
@@ -69,19 +73,25 @@ impl Recipients {
     pub fn new(policy: RecipientPolicy, store: Store) -> Recipients {
         let (to_record, queue) = mpsc::channel(REGISTER_QUEUE);
         let known = Arc::new(DashSet::new());
-        tokio::spawn(record(queue, store.clone(), known.clone()));
+        if policy == RecipientPolicy::Known {
+            tokio::spawn(record(queue, store.clone(), known.clone()));
+        }
         Recipients {
             policy,
             store,
             known,
             unknown: DashMap::new(),
             to_record,
+            backfilled: tokio::sync::OnceCell::new(),
         }
     }
 
     /// `user` logged in on this node: known here at once, and to the cluster once the background
     /// task has recorded it (if that fails, the user's next login tries again).
     pub fn logged_in(&self, user: &Arc<str>) {
+        if self.policy == RecipientPolicy::Any {
+            return;
+        }
         self.unknown.remove(&**user);
         if self.known.contains(user) {
             return;
@@ -120,6 +130,20 @@ impl Recipients {
                 return Err(ErrorCode::UnknownRecipient);
             }
         }
+        // Users who logged in before the policy was `known` have a device cursor: recorded
+        // before the first lookup (once; a failure is logged and not retried).
+        self.backfilled
+            .get_or_init(|| async {
+                let backfill = self.store.backfill_known_users(crate::base::unix_millis());
+                match tokio::time::timeout(LOOKUP_TIMEOUT, backfill).await {
+                    Ok(Ok(())) => {}
+                    failed => crate::warn_limited!(
+                        ?failed,
+                        "users with a device cursor not recorded as known; they are at their next login"
+                    ),
+                }
+            })
+            .await;
         // Its own task: a lookup given up on is not cut off mid-query.
         let (store, user) = (self.store.clone(), to.to_owned());
         let lookup = tokio::spawn(async move { store.is_known_user(&user).await });

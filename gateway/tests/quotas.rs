@@ -489,3 +489,63 @@ async fn known_recipients_on_the_embedded_store() {
     assert_eq!(recorded, 2.0, "alice and bob written once each");
     node.stop().await;
 }
+
+/// A node that switches to `delivery.recipients = "known"` knows the users who logged in and
+/// acknowledged under `any` (they have a device cursor), although `any` records nothing.
+#[tokio::test]
+async fn switching_to_known_recipients_keeps_the_users_who_were_here() {
+    let db = format!("sqlite://{}", common::temp_path("db").display());
+    let url = db.clone();
+    let node = TestNode::start_with(move |s| s.store.url = imgate::config::Secret::new(url)).await;
+    let mut alice = node.login(&node.tcp(), "alice", "app").await;
+    let mut bob = node.login(&node.tcp(), "bob", "app").await;
+    assert_eq!(
+        refusal(&alice.send_text("bob", "hi").await),
+        (SendStatus::Delivered, None)
+    );
+    let seq = match bob.recv_skip_acks().await {
+        Some(ServerFrame::Push { seq: Some(seq), .. }) => seq,
+        other => panic!("expected a push, got {other:?}"),
+    };
+    bob.send(ClientFrame::Ack {
+        seq: Some(seq),
+        id: None,
+    })
+    .await;
+    // The acknowledgement is taken before the node stops.
+    common::eventually("the ack is taken", || async {
+        metric_value(&node.metrics().await, "imgate_acks_total", &[]) >= 1.0
+    })
+    .await;
+    drop(bob);
+    let metrics = node.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "imgate_known_users_recorded_total",
+            &["outcome=\"written\""]
+        ),
+        0.0,
+        "nothing is recorded under any"
+    );
+    drop(alice);
+    // A graceful stop writes the acknowledged cursor.
+    node.stop().await;
+
+    let url = db.clone();
+    let node = TestNode::start_with(move |s| {
+        s.store.url = imgate::config::Secret::new(url);
+        s.delivery.recipients = imgate::config::RecipientPolicy::Known;
+    })
+    .await;
+    let mut carol = node.login(&node.tcp(), "carol", "app").await;
+    assert_eq!(
+        refusal(&carol.send_text("bob", "still there?").await),
+        (SendStatus::Stored, None)
+    );
+    assert_eq!(
+        refusal(&carol.send_text("nobody", "?").await),
+        (SendStatus::Refused, Some(ErrorCode::UnknownRecipient))
+    );
+    node.stop().await;
+}

@@ -3,6 +3,20 @@
 use super::*;
 
 impl Store {
+    /// Records as known every user that has a device cursor; users already known are left as
+    /// they are.
+    pub async fn backfill_known_users(&self, now_ms: u64) -> Result<(), StoreError> {
+        let sql = format!(
+            "{} known_users (user_id, registered_at_ms) SELECT DISTINCT user_id, ? FROM device_cursors",
+            self.inner.dialect.insert_ignore()
+        );
+        sqlx::query(&sql)
+            .bind(now_ms as i64)
+            .execute(&self.inner.rare_writes)
+            .await?;
+        Ok(())
+    }
+
     /// The stream epoch for a Redis that has none: the current one if no stream counter was
     /// created in it yet (0 for a new cluster), else the next one (marked unused). Concurrent
     /// callers raise it once. See `cluster::epochs`.
