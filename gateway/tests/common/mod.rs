@@ -44,6 +44,11 @@ pub fn test_settings() -> Settings {
     // Many tests stall the database on purpose, for as long as a busy machine makes them; the
     // admission by queue age has a test of its own.
     s.store.max_queue_age_ms = 0;
+    // Tests that send hundreds of messages in a row would meet the default send rates (100/s a
+    // connection, 200/s a user) on a fast run, and get refusals they do not expect; the rate
+    // limits have tests of their own (`quotas.rs`).
+    s.client.send_rate = 0.0;
+    s.client.user_send_rate = 0.0;
     s
 }
 
