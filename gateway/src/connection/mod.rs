@@ -161,11 +161,12 @@ struct Connection {
     /// This connection's sends (`client.send_rate`).
     send_bucket: TokenBucket,
     /// Sends read while [`MAX_SENDS_IN_FLIGHT`] were being processed, in arrival order.
-    deferred: VecDeque<Deferred>,
+    deferred: VecDeque<TakenSend>,
 }
 
-/// A send waiting for its turn (see [`MAX_DEFERRED_SENDS`]).
-struct Deferred {
+/// A send taken by the node (it holds a slot among the node's unanswered sends): processed at
+/// once, or waiting for its turn (see [`MAX_DEFERRED_SENDS`]).
+struct TakenSend {
     to: String,
     channel: Option<String>,
     client_msg_id: String,

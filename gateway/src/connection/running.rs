@@ -274,7 +274,7 @@ impl Connection {
                         reply(out, &refusal);
                         return None;
                     };
-                    let send = Deferred {
+                    let send = TakenSend {
                         to,
                         channel,
                         client_msg_id,
@@ -330,8 +330,8 @@ impl Connection {
     /// Takes a send: the id, the place in the store's queue and the local delivery happen here,
     /// in the order sends arrive; the rest (other nodes, the commit) runs in a task of its own
     /// whose result is the receipt.
-    async fn on_send(&mut self, handle: &Arc<ConnHandle>, send: Deferred) {
-        let Deferred {
+    async fn on_send(&mut self, handle: &Arc<ConnHandle>, send: TakenSend) {
+        let TakenSend {
             to,
             channel,
             client_msg_id,

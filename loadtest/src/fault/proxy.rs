@@ -9,6 +9,7 @@
 //!   closes either, like a stalled link or a server that stopped answering, until
 //!   [`thaw`](Proxy::thaw).
 
+use crate::lock;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,10 +119,6 @@ impl Drop for Proxy {
         self.acceptor.abort();
         self.cut();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {

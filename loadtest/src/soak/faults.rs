@@ -1,6 +1,7 @@
 //! The faults a soak injects, one at a time, each healed before the next: which kinds there are,
 //! how each is done and undone, and the loop that picks them at random moments.
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -64,10 +65,6 @@ pub struct FaultLog {
     pub unexpected_exits: Vec<String>,
     /// Faults that could not be applied or healed.
     pub errors: Vec<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn secs(range: std::ops::Range<f64>) -> Duration {

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod faults;
 pub mod traffic;
 
+use crate::lock;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,10 +42,6 @@ pub struct SoakReport {
     /// Clean verdict, no node exited by itself, every fault applied and healed.
     pub passed: bool,
     pub logs: PathBuf,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub async fn run(args: &SoakArgs) -> anyhow::Result<SoakReport> {

@@ -2,6 +2,7 @@
 //! by itself), sends numbered messages one at a time to random other users, and records what it is
 //! handed. The [`Ledger`] holds both sides; [`Ledger::verdict`] compares them.
 
+use crate::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,10 +44,6 @@ pub struct Ledger {
     arrival: HashMap<(u32, u32), Vec<u64>>,
     /// Client events by kind (`connected`, `resumed`, `disconnected`, `kicked:…`, …).
     pub events: BTreeMap<String, u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
